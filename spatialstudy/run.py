@@ -1,0 +1,137 @@
+"""Run the study: every numbered notebook in order with papermill, one parameter profile.
+
+    python -m spatialstudy.run --profile smoke            # what `make study` does
+    python -m spatialstudy.run --profile ci --only 01_data
+    python -m spatialstudy.run --list
+
+A stage is a numbered notebook (notebooks/NN_name.ipynb, picked up automatically) or a package entry point listed in
+PY_STAGES (for work with no figures of its own). Parameters come from params/<profile>/<name>.yaml; the `ci` tier uses
+the notebooks' own defaults. The reserved key `budget_s` is the stage's wall-time budget, logged, not passed on.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from spatialstudy import runs
+
+NOTEBOOK_RE = re.compile(r"^(\d\d)_[a-z0-9_]+\.ipynb$")
+# stage name -> (the stage it runs after, "module:function(profile, params)")
+PY_STAGES = {"baseline": ("01_data", "spatialstudy.baseline:main")}
+KERNEL = "python3"  # the kernel of the running interpreter: papermill run from the venv stays in the venv
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def notebooks_dir() -> Path:
+    return runs.root() / "notebooks"
+
+
+def stages() -> list[str]:
+    """Numbered notebooks in order, with the python stages slotted in after the stage they need."""
+    names = sorted(p.stem for p in notebooks_dir().glob("*.ipynb") if NOTEBOOK_RE.match(p.name))
+    for name, (after, _) in PY_STAGES.items():
+        if after in names and _entry_exists(name):
+            names.insert(names.index(after) + 1, name)
+    return names
+
+
+def _entry_exists(name: str) -> bool:
+    module = PY_STAGES[name][1].split(":")[0]
+    return importlib.util.find_spec(module) is not None
+
+
+def load_params(name: str, profile: str) -> tuple[dict, float | None]:
+    """The stage's parameters for this profile (validated against its config) and its time budget."""
+    path = runs.root() / "params" / profile / f"{name}.yaml"
+    params = {}
+    if path.exists():
+        params = yaml.safe_load(path.read_text()) or {}
+    elif profile != "ci":
+        print(f"[run] note: {path.relative_to(runs.root())} not found; {name} runs with its ci defaults")
+    budget = params.pop("budget_s", None)
+    params["profile"] = profile
+    from spatialstudy.configs import CONFIGS
+
+    if name in CONFIGS:
+        CONFIGS[name].check_keys(params, where=str(path.relative_to(runs.root())))
+    return params, budget
+
+
+def run_notebook(name: str, profile: str, params: dict) -> Path:
+    """Execute notebooks/<name>.ipynb into reports/<profile>/<name>.ipynb; a failure names the cell."""
+    import papermill as pm
+
+    out = runs.root() / "reports" / profile / f"{name}.ipynb"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        pm.execute_notebook(str(notebooks_dir() / f"{name}.ipynb"), str(out), parameters=params,
+                            kernel_name=KERNEL, cwd=str(notebooks_dir()), progress_bar=False)
+    except pm.PapermillExecutionError as err:
+        raise StageFailed(f"notebook {name} failed in cell {err.cell_index} (execution count {err.exec_count}): "
+                          f"{err.ename}: {err.evalue}\n  executed copy with the traceback: {out}") from None
+    return out
+
+
+def run_python_stage(name: str, profile: str, params: dict) -> None:
+    module, func = PY_STAGES[name][1].split(":")
+    try:
+        getattr(importlib.import_module(module), func)(profile, params)
+    except Exception as err:
+        raise StageFailed(f"stage {name} failed: {type(err).__name__}: {err}") from err
+
+
+def run_stage(name: str, profile: str) -> float:
+    """Run one stage; returns its wall time in seconds."""
+    params, budget = load_params(name, profile)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    if name in PY_STAGES:
+        run_python_stage(name, profile, params)
+    else:
+        run_notebook(name, profile, params)
+    wall = time.perf_counter() - start
+    verdict = "" if budget is None else (" within budget" if wall <= budget else " OVER BUDGET")
+    print(f"[run] {name}: {wall:.0f} s" + (f" (budget {budget:.0f} s){verdict}" if budget else ""), flush=True)
+    return wall
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="smoke", choices=runs.PROFILES)
+    ap.add_argument("--only", action="append", help="run only this stage (repeatable)")
+    ap.add_argument("--list", action="store_true", help="list the stages and exit")
+    args = ap.parse_args(argv)
+    names = stages()
+    if args.list:
+        print("\n".join(names))
+        return 0
+    unknown = set(args.only or []) - set(names)
+    if unknown:
+        ap.error(f"unknown stage(s) {sorted(unknown)}; stages are {names}")
+    timings = {}
+    for name in args.only or names:
+        try:
+            timings[name] = round(run_stage(name, args.profile), 1)
+        except StageFailed as err:
+            print(f"[run] STOPPED: {err}", file=sys.stderr)
+            return 1
+    timings_file = runs.root() / "reports" / args.profile / "timings.json"
+    previous = runs.read_json(timings_file) if timings_file.exists() else {}
+    runs.write_json(timings_file, {**previous, **timings})
+    print(f"[run] done: {len(timings)} stage(s), {sum(timings.values()):.0f} s; reports in reports/{args.profile}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
