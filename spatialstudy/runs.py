@@ -30,6 +30,12 @@ def root() -> Path:
     return Path.cwd()
 
 
+def resolve(path: Path | str) -> Path:
+    """A user-given path: absolute as is, relative to the project root (notebooks run with notebooks/ as cwd)."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else root() / path
+
+
 def run_dir(profile: str, name: str, create: bool = True) -> Path:
     """runs/<profile>/<name>, created unless `create` is False."""
     if profile not in PROFILES:
