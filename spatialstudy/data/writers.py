@@ -1,0 +1,205 @@
+"""Write generated items in the real on-disk layouts, so one loader reads generated and real data:
+- SpaceThinker: <root>/data/{train,test}-XXXXX-of-NNNNN.parquet with images = list<struct<bytes, path>>, Llama-3
+  header markup in `input`, <think>/<answer> in `output`, `reasoning` = "on"; plus generator-only columns
+  `family`, `choices` (JSON list) and `correct` that the loader reads when present.
+- OmniSpatial: <root>/data.json + <root>/<task_type>/<id before "_">.png, reproducing the real file's quirks at a
+  proportional scale (shared images, ids repeated across task types, empty-options items whose options are drawn
+  into the image, 2-option items, repeated option strings). Every write goes to a temporary folder first and is
+  renamed into place, so a crash never leaves a half-written dataset.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import zipfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from spatialstudy.data.families import CANT
+from spatialstudy.data.generator import Item, make_items
+
+# SpaceThinker's `input` (VQASynth r1_reasoning._format_input_string): two spaces after each header, a system turn
+# "detailed thinking on", no <image> token, ending with the assistant header.
+INPUT_TEMPLATE = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>  detailed thinking on"
+                  "<|eot_id|><|start_header_id|>user<|end_header_id|>  {question}"
+                  "<|eot_id|><|start_header_id|>assistant<|end_header_id|>")
+OUTPUT_STYLES = ("<think>\n{r}\n</think>\n<answer>\n{a}\n</answer>",      # GPT-4o completions vary in spacing
+                 "<think>{r}</think> <answer>{a}</answer>",
+                 "<think>\n{r}\n</think>\n\n<answer>{a}</answer>")
+REAL_SPACETHINKER = {"train": 11_413, "test": 1_250}
+# Quirk rates of the real OmniSpatial data.json (1,533 items over 1,387 images).
+REAL_OMNI_ITEMS = 1533
+REAL_EMPTY_OPTIONS, REAL_TWO_OPTIONS, REAL_REPEATED = 229, 2, 476
+DRAWN_OPTION_MAX_CHARS = 40       # empty-options items need options short enough to draw legibly
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _atomic_dir(final: Path, build) -> Path:
+    """Build the folder under a temporary name beside `final`, then swap it in."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# --- SpaceThinker ---
+
+def spacethinker_row(it: Item, rng) -> dict:
+    """One row in the real column layout (plus the generator-only family/choices/correct columns)."""
+    style = OUTPUT_STYLES[int(rng.integers(len(OUTPUT_STYLES)))]
+    return {"images": [{"bytes": _png(it.image), "path": None}],
+            "input": INPUT_TEMPLATE.format(question=it.question),
+            "output": style.format(r=it.reasoning, a=it.free_answer),
+            "reasoning": "on", "family": it.family, "choices": json.dumps(it.options), "correct": it.answer}
+
+
+def write_parquet(rows: list[dict], path: Path) -> None:
+    """Rows -> one parquet file with `images` as list<struct<bytes: binary, path: string>> (the datasets layout)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    img = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    types = {"images": pa.list_(img), "image": img, "correct": pa.int64()}
+    cols = list(rows[0]) if rows else ["images", "input", "output"]
+    schema = pa.schema([(c, types.get(c, pa.string())) for c in cols])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+
+
+def write_spacethinker(out_dir, n_train: int, n_test: int, seed: int = 0, image_size: int = 112,
+                       palette: str = "distinct", families=None, partition: str | None = "sft",
+                       per_scene: int = 1, shards: int = 1) -> Path:
+    """Write train/test splits of SpaceThinker-format rows (from the SFT families by default) to out_dir."""
+    def build(tmp: Path):
+        (tmp / "data").mkdir()
+        for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1_000_003)):   # disjoint streams
+            items = make_items(n, s, partition, families, image_size, palette, per_scene)
+            rng = np.random.default_rng(s)
+            rows = [spacethinker_row(it, rng) for it in items]
+            k = max(1, min(shards, len(rows)))
+            for j, part in enumerate(np.array_split(np.arange(len(rows)), k)):
+                write_parquet([rows[i] for i in part], tmp / "data" / f"{split}-{j:05d}-of-{k:05d}.parquet")
+    return _atomic_dir(Path(out_dir), build)
+
+
+# --- OmniSpatial ---
+
+def quirk_counts(n: int) -> dict:
+    """Real quirk frequencies scaled to n items (at least one of each once the set is big enough)."""
+    scale = n / REAL_OMNI_ITEMS
+    return {"empty_options": max(1, round(REAL_EMPTY_OPTIONS * scale)) if n >= 10 else 0,
+            "two_options": (2 if n >= 20 else 1) if n >= 5 else 0,
+            "repeated_option": max(1, round(REAL_REPEATED * scale)) if n >= 5 else 0}
+
+
+def draw_options(img: Image.Image, options: list[str]) -> Image.Image:
+    """The image with a panel listing 'A. ...' to 'D. ...' on its right (as the real Complex_Logic images)."""
+    w, h = img.size
+    canvas = Image.new("RGB", (w * 3, h), "white")
+    canvas.paste(img, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=max(8, h // 11))
+    for i, opt in enumerate(options):
+        draw.text((w + 4, 4 + i * h // 4), f"{chr(65 + i)}. {opt}", fill="black", font=font)
+    return canvas
+
+
+def _apply_quirks(items: list[Item], rng) -> list[dict]:
+    """Per-item dicts with quirks assigned: empty options (Complex_Logic), two options, a repeated option."""
+    entries = [dict(it=it, options=list(it.options), answer=it.answer, drawn=False) for it in items]
+    want = quirk_counts(len(items))
+    order = [int(i) for i in rng.permutation(len(items))]
+    used = set()
+    empty = [i for i in order if items[i].task_type == "Complex_Logic"
+             and max(map(len, items[i].options)) <= DRAWN_OPTION_MAX_CHARS][:want["empty_options"]]
+    for i in empty:
+        entries[i].update(options=[], drawn=True)
+        used.add(i)
+    two = [i for i in order if i not in used and items[i].kind in ("yesno", "which")][:want["two_options"]]
+    for i in two:
+        e = entries[i]
+        wrong = [j for j in range(4) if j != e["answer"]]
+        opposite = [j for j in wrong if e["options"][j].split()[0] in ("Yes,", "No,", "The", "the")]
+        wrong = (opposite or wrong)[0]                                # keep the opposite answer
+        keep = sorted([e["answer"], wrong])
+        e.update(options=[e["options"][j] for j in keep], answer=keep.index(e["answer"]))
+        used.add(i)
+    rep = [i for i in order if i not in used][:want["repeated_option"]]
+    for i in rep:                                                     # a wrong option copied over another wrong one
+        e = entries[i]
+        wrong = [j for j in range(4) if j != e["answer"]]
+        cant = e["options"].index(CANT) if CANT in e["options"] else -1
+        src = cant if cant in wrong else wrong[0]                    # "can not determine" twice, as in the real file
+        dst = next(j for j in wrong if j != src)
+        e["options"][dst] = e["options"][src]
+    return entries
+
+
+def _assign_ids(entries: list[dict]) -> None:
+    """ids "N_k": N numbers an image within its task type (so "0_0" recurs across task types), k its questions."""
+    image_no, next_no, k_of = {}, defaultdict(int), defaultdict(int)
+    for e in entries:
+        it = e["it"]
+        key = (it.task_type, it.scene_id, e["drawn"] and id(e))       # drawn-options items get their own image
+        if key not in image_no:
+            image_no[key] = next_no[it.task_type]
+            next_no[it.task_type] += 1
+        n = image_no[key]
+        e["id"] = f"{n}_{k_of[(it.task_type, n)]}"
+        k_of[(it.task_type, n)] += 1
+
+
+def write_omnispatial(out_dir, n: int, seed: int = 0, image_size: int = 112, palette: str = "distinct",
+                      partition: str | None = None, families=None, per_scene: int = 2) -> Path:
+    """Write an OmniSpatial-layout test set of n items (all partitions by default, tagged) to out_dir."""
+    items = make_items(n, seed, partition, families, image_size, palette, per_scene)
+    entries = _apply_quirks(items, np.random.default_rng(seed + 7))
+    _assign_ids(entries)
+
+    def build(tmp: Path):
+        data = []
+        for e in entries:
+            it = e["it"]
+            img_path = tmp / it.task_type / f"{e['id'].split('_')[0]}.png"
+            if not img_path.exists():
+                img_path.parent.mkdir(exist_ok=True)
+                (draw_options(it.image, it.options) if e["drawn"] else it.image).save(img_path)
+            q = it.question + (" Choose one of the options A-D shown in the image." if e["drawn"] else "")
+            data.append({"id": e["id"], "question": q, "options": e["options"], "answer": e["answer"],
+                         "task_type": it.task_type, "sub_task_type": it.sub_task_type,
+                         "family": it.family, "partition": it.partition})
+        (tmp / "data.json").write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+    return _atomic_dir(Path(out_dir), build)
+
+
+def zip_folder(folder, zip_path) -> Path:
+    """Zip an OmniSpatial folder as the release does (the folder name as the top-level entry); atomic."""
+    folder, zip_path = Path(folder), Path(zip_path)
+    tmp = zip_path.with_name(f".{zip_path.name}.tmp-{os.getpid()}")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                zf.write(p, Path(folder.name) / p.relative_to(folder))
+    tmp.replace(zip_path)
+    return zip_path
