@@ -1,0 +1,371 @@
+"""Pretraining of the tiny bases: procedural OmniSpatial-format questions, multi-question and few-shot episodes.
+
+A random tiny model answers nothing, so every later comparison would sit at chance; the bases are pretrained once
+on the generator's "base" partition families (never the SFT families) and cached under runs/cache/bases/<hash>,
+keyed by spec + tokenizer + generator version + seed + settings. Loss is on the assistant answers only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from spatialstudy import runs
+from spatialstudy.models import TINY_PIXELS, TINY_SPECS, build_tiny, count_params, make_processor, spec_summary
+from spatialstudy.tokenizer import small_tokenizer
+
+LETTERS = "ABCD"
+HELDOUT_SEED = 10_007      # held-out measurement items: a seed no training pool uses
+BLANK_RGB = (128, 128, 128)  # the blind control's image: uniform grey, same size
+CKPT_EVERY = 100           # steps between resumable checkpoints of a run in progress
+MAX_NEW_TOKENS = 16        # enough for the longest option text + "Answer: X"
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """How one base is pretrained; every field enters the cache key."""
+
+    steps: int
+    batch_size: int          # episodes per optimiser step
+    lr: float
+    n_scenes: int            # training pool: scenes drawn once from the base families ...
+    per_scene: int           # ... each with this many questions (several answers per forward pass)
+    icl_fraction: float = 0.3    # share of episodes in the few-shot layout (0-5 demos, then the query)
+    max_shots: int = 5
+    direct_fraction: float = 0.25  # share of questions in the direct format (target "X"), else manual-CoT + RE
+    bare_demo_fraction: float = 0.5  # few-shot episodes whose demos show only question + options (no prompt text)
+    warmup: int = 30
+    weight_decay: float = 0.01
+    eval_items: int = 0      # held-out items (all partitions) measured after training; 0 skips
+
+
+TIERS = {
+    ("student", "ci"): PretrainSettings(steps=6, batch_size=4, lr=2e-3, n_scenes=8, per_scene=2, warmup=2),
+    ("teacher", "ci"): PretrainSettings(steps=8, batch_size=4, lr=2e-3, n_scenes=8, per_scene=2, warmup=2),
+    ("student", "smoke"): PretrainSettings(steps=500, batch_size=8, lr=2e-3, n_scenes=600, per_scene=4,
+                                           eval_items=300),
+    ("teacher", "smoke"): PretrainSettings(steps=700, batch_size=8, lr=1.5e-3, n_scenes=600, per_scene=4,
+                                           eval_items=300),
+    ("student", "full"): PretrainSettings(steps=2000, batch_size=16, lr=2e-3, n_scenes=3000, per_scene=4,
+                                          eval_items=600),
+    ("teacher", "full"): PretrainSettings(steps=3000, batch_size=16, lr=1.5e-3, n_scenes=3000, per_scene=4,
+                                          eval_items=600),
+}
+
+
+# ---------------------------------------------------------------- data
+def _data():
+    """The data layer (imported lazily: models must import without it)."""
+    import spatialstudy.data as data
+    from spatialstudy.data import prompts
+
+    return data, prompts
+
+
+def generator_version() -> str:
+    """The generator's declared version plus a hash of its source, so any change to it retrains the bases."""
+    data, _ = _data()
+    src = sorted(Path(data.__file__).parent.glob("*.py"))
+    digest = hashlib.sha1(b"".join(p.read_bytes() for p in src)).hexdigest()[:12]
+    return f"{getattr(data, 'GENERATOR_VERSION', 'unversioned')}+{digest}"
+
+
+@functools.lru_cache(maxsize=1)
+def base_tokenizer():
+    """The tiny models' small BPE tokenizer, trained once per generator version and cached on disk."""
+    from transformers import AutoTokenizer
+
+    out = runs.cache_dir("tokenizer") / runs.config_hash({"generator": generator_version(), "v": 1})
+    if not (out / "tokenizer.json").exists():
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        small_tokenizer().save_pretrained(tmp)
+        _publish(tmp, out)
+    return AutoTokenizer.from_pretrained(out)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename a finished tmp dir into place; a concurrent identical build that won the race is kept."""
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def training_pool(s: PretrainSettings, seed: int) -> list[list]:
+    """Training items from the base families, grouped by scene (each group shares one image)."""
+    data, _ = _data()
+    items = data.make_items(s.n_scenes * s.per_scene, seed=seed, partition="base", per_scene=s.per_scene)
+    groups: dict[int, list] = {}
+    for it in items:
+        groups.setdefault(it.scene_id, []).append(it)
+    return list(groups.values())
+
+
+def target(item, style: str) -> str:
+    """The assistant answer: the bare letter for the direct prompt; for manual-CoT + RE a one-line reasoning (the
+    chosen option's text) then "Answer: X". Naming the option first splits the task into what a tiny model can
+    learn: image + question -> answer text, then answer text -> its letter among shuffled options (text only)."""
+    letter = LETTERS[item.answer]
+    return letter if style == "direct" else f"{item.options[item.answer]}\nAnswer: {letter}"
+
+
+def _turn(item, style: str, with_image: bool, prompts, bare: bool = False) -> dict:
+    """A user turn: the official prompt, or (`bare`, for demos) only the question and lettered options."""
+    text = prompts.omnispatial_prompt(item.question, item.options, style=style)
+    if bare:
+        text = item.question + "".join(f"\n{c}. {o}" for c, o in zip(LETTERS, item.options))
+    content = ([{"type": "image", "image": item.image}] if with_image else []) + [{"type": "text", "text": text}]
+    return {"role": "user", "content": content}
+
+
+def _answer(item, style: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": target(item, style)}]}
+
+
+def episode(pool: list[list], rng: random.Random, s: PretrainSettings) -> tuple[list[dict], list]:
+    """One training sequence: a scene's questions as consecutive turns, or a few-shot episode; (messages, images)."""
+    _, prompts = _data()
+    style = lambda: "direct" if rng.random() < s.direct_fraction else "manual_cot"  # noqa: E731
+    if rng.random() < s.icl_fraction:  # demos from other scenes (each with its image), then the query
+        items = [rng.choice(g) for g in rng.sample(pool, min(len(pool), rng.randint(0, s.max_shots) + 1))]
+        st, bare = style(), rng.random() < s.bare_demo_fraction
+        msgs = [m for k, it in enumerate(items)
+                for m in (_turn(it, st, True, prompts, bare and k < len(items) - 1), _answer(it, st))]
+    else:  # several questions on one image: more supervision per forward pass of the vision tower
+        items = rng.sample(g := rng.choice(pool), len(g))
+        msgs = []
+        for i, it in enumerate(items):
+            st = style()
+            msgs += [_turn(it, st, i == 0, prompts), _answer(it, st)]
+    return msgs, [m["content"][0]["image"] for m in msgs if m["role"] == "user" and m["content"][0]["type"] == "image"]
+
+
+def answer_labels(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """Labels that keep only assistant-turn tokens (answer + <|im_end|>), -100 elsewhere."""
+    header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    labels = torch.full_like(input_ids, -100)
+    ids, n = input_ids.tolist(), len(header)
+    i = 0
+    while i < len(ids):
+        if ids[i:i + n] == header:
+            j = i + n
+            while j < len(ids) and ids[j] != end:
+                j += 1
+            labels[i + n:j + 1] = input_ids[i + n:j + 1]
+            i = j
+        i += 1
+    return labels
+
+
+def collate(episodes: list[tuple[list[dict], list]], processor) -> dict:
+    """Tokenise episodes with the real processor (right padding) and mask everything but the answers."""
+    texts = [processor.apply_chat_template(m, tokenize=False) for m, _ in episodes]
+    images = [im for _, ims in episodes for im in ims]
+    processor.tokenizer.padding_side = "right"
+    batch = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+    labels = torch.stack([answer_labels(row, processor.tokenizer) for row in batch["input_ids"]])
+    batch["labels"] = labels.masked_fill(batch["attention_mask"] == 0, -100)
+    return dict(batch)
+
+
+# ---------------------------------------------------------------- training
+def cache_key(name: str, tier: str, seed: int, settings: PretrainSettings) -> dict:
+    """Everything a pretrained base depends on."""
+    tok = base_tokenizer()
+    vocab_hash = hashlib.sha1(json.dumps(tok.get_vocab(), sort_keys=True).encode()).hexdigest()[:12]
+    return {"spec": spec_summary(name), "tokenizer": vocab_hash, "generator": generator_version(), "seed": seed,
+            "settings": dataclasses.asdict(settings), "pixels": TINY_PIXELS, "tier": tier, "recipe": 1}
+
+
+def _lr_at(step: int, s: PretrainSettings) -> float:
+    """Linear warm-up then cosine decay to 10%."""
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    frac = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _save_state(work: Path, model, opt, step: int, losses: list[float]) -> None:
+    state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "losses": losses}
+    torch.save(state, work / "state.tmp")
+    os.replace(work / "state.tmp", work / "state.pt")
+
+
+def train(model, processor, pool, s: PretrainSettings, seed: int, work: Path, desc: str) -> list[float]:
+    """AdamW on answer tokens; checkpoints into `work` so an interrupted run resumes where it stopped."""
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.98))
+    start, losses = 0, []
+    if (work / "state.pt").exists():
+        state = torch.load(work / "state.pt", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start, losses = state["step"], state["losses"]
+    model.train()
+    bar = tqdm(range(start, s.steps), desc=desc, initial=start, total=s.steps)
+    for step in bar:
+        rng = random.Random(seed * 1_000_003 + step)  # per-step stream: a resumed run sees the same batches
+        batch = collate([episode(pool, rng, s) for _ in range(s.batch_size)], processor)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, s)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(round(loss.item(), 4))
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        if (step + 1) % CKPT_EVERY == 0 and step + 1 < s.steps:
+            _save_state(work, model, opt, step + 1, losses)
+    model.eval()
+    return losses
+
+
+def pretrain_base(name: str, tier: str = "smoke", seed: int = 0, settings: PretrainSettings | None = None,
+                  force: bool = False) -> Path:
+    """The cached dir of a pretrained tiny base ("student" | "teacher"); trains it on a cache miss."""
+    s = settings or TIERS[(name, tier)]
+    key = cache_key(name, tier, seed, s)
+    out = runs.cache_dir("bases") / f"{name}-{tier}-{runs.config_hash(key)}"
+    if (out / "pretrain.json").exists() and not force:
+        return out
+    work = out.with_name(f".{out.name}.partial")  # kept across crashes: the resumable state lives here
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    runs.seed_everything(seed)
+    tok = base_tokenizer()
+    processor = make_processor(tok)
+    model = build_tiny(name, tok, seed=seed)
+    pool = training_pool(s, seed)
+    losses = train(model, processor, pool, s, seed, work, desc=f"pretrain {name} ({tier})")
+    wall = time.time() - t0
+    metrics = measure(model, processor, heldout_items(s.eval_items)) if s.eval_items else {}
+    model.save_pretrained(work)
+    processor.save_pretrained(work)
+    (work / "state.pt").unlink(missing_ok=True)
+    runs.write_json(work / "pretrain.json", {"key": key, "params": count_params(model), "train_seconds": wall,
+                                             "losses": losses, "heldout": metrics})
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(work, out)
+    return out
+
+
+# ---------------------------------------------------------------- measurement (the eval helper owns the harness)
+def heldout_items(n: int, seed: int = HELDOUT_SEED) -> list:
+    """Held-out procedural OmniSpatial-format items from all three partitions."""
+    data, _ = _data()
+    return data.make_items(n, seed=seed)
+
+
+def letter_ids(tokenizer, style: str) -> list[int]:
+    """The token id of each answer letter as it follows "Answer:" (" A") or opens a direct answer ("A")."""
+    ids = []
+    for c in LETTERS:
+        toks = tokenizer(c if style == "direct" else f" {c}", add_special_tokens=False)["input_ids"]
+        if len(toks) != 1:
+            raise ValueError(f"answer letter {c!r} is {len(toks)} tokens in this tokenizer; expected one")
+        ids.append(toks[0])
+    return ids
+
+
+@torch.no_grad()
+def letter_scores(model, processor, items, style: str = "manual_cot", blind: bool = False,
+                  given_text: bool = False, batch_size: int = 32) -> torch.Tensor:
+    """(n, 4) logits of the four letters at the answer position, teacher-forced: after "Answer:" or, with
+    `given_text`, after the correct option's text + "\nAnswer:" (isolates binding text to letter from vision)."""
+    _, prompts = _data()
+    ids, out = letter_ids(processor.tokenizer, style), []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        imgs = [Image.new("RGB", it.image.size, BLANK_RGB) if blind else it.image for it in chunk]
+        texts = [processor.apply_chat_template([_turn(it, style, True, prompts)], tokenize=False,
+                                               add_generation_prompt=True) for it in chunk]
+        if style != "direct":
+            texts = [t + (f"{it.options[it.answer]}\n" if given_text else "") + "Answer:" for t, it in zip(texts, chunk)]
+        processor.tokenizer.padding_side = "left"  # the last position is then every row's answer position
+        batch = processor(text=texts, images=imgs, return_tensors="pt", padding=True)
+        out.append(model(**batch).logits[:, -1, ids].float())
+    return torch.cat(out)
+
+
+ANSWER_RE = re.compile(r"Answer\s*:\s*([A-D])\b", re.IGNORECASE)  # the official OmniSpatial extraction rule
+
+
+def official_letter(text: str) -> str:
+    """The official rule: last "Answer: X" match, "A" when there is none (the eval helper owns the full scorer)."""
+    found = ANSWER_RE.findall(text)
+    return found[-1] if found else "A"
+
+
+@torch.no_grad()
+def generate_answers(model, processor, items, style: str = "manual_cot", blind: bool = False,
+                     max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 32) -> list[str]:
+    """Greedy answers to single-turn official prompts (left padding, KV cache)."""
+    _, prompts = _data()
+    out = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        imgs = [Image.new("RGB", it.image.size, BLANK_RGB) if blind else it.image for it in chunk]
+        texts = [processor.apply_chat_template([_turn(it, style, True, prompts)], tokenize=False,
+                                               add_generation_prompt=True) for it in chunk]
+        processor.tokenizer.padding_side = "left"
+        batch = processor(text=texts, images=imgs, return_tensors="pt", padding=True)
+        gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=processor.tokenizer.pad_token_id)
+        out += processor.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
+
+
+def measure(model, processor, items, style: str = "manual_cot") -> dict:
+    """Held-out letter accuracy with and without the image, overall and per partition, plus chance."""
+    truth = torch.tensor([it.answer for it in items])
+    res = {"n": len(items), "chance": 0.25, "style": style}
+    for tag, blind in (("acc", False), ("blind_acc", True)):
+        texts = generate_answers(model, processor, items, style, blind)
+        pred = torch.tensor([LETTERS.index(official_letter(t)) for t in texts])
+        if style != "direct":  # the reasoning line names the right option (lenient-style content accuracy)
+            res[f"{tag}_text"] = sum(t.split("\n")[0].strip() == it.options[it.answer]
+                                     for t, it in zip(texts, items)) / len(items)
+        res[tag] = (pred == truth).float().mean().item()
+        for part in sorted({str(it.partition) for it in items}):
+            mask = torch.tensor([str(it.partition) == part for it in items])
+            res[f"{tag}_{part}"] = (pred[mask] == truth[mask]).float().mean().item()
+        res[f"{tag}_pred_letters"] = {c: int((pred == i).sum()) for i, c in enumerate(LETTERS)}
+    if style != "direct":  # letter accuracy when the right option text is given: the binding skill alone
+        res["binding_acc"] = (letter_scores(model, processor, items, style, given_text=True).argmax(-1) == truth
+                              ).float().mean().item()
+    return res
+
+
+def report(tier: str = "smoke", seed: int = 0) -> dict:
+    """Pretrain (or load) both bases at `tier` and collect their held-out numbers and wall times."""
+    rows = {}
+    for name in TINY_SPECS:
+        info = runs.read_json(pretrain_base(name, tier, seed) / "pretrain.json")
+        rows[name] = {"params": info["params"]["total"], "train_seconds": round(info["train_seconds"], 1),
+                      "steps": info["key"]["settings"]["steps"], **info["heldout"]}
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="pretrain the tiny student and teacher bases (cached) and report")
+    ap.add_argument("--tier", default="smoke", choices=sorted({t for _, t in TIERS}))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    print(json.dumps(report(args.tier, args.seed), indent=2))

@@ -1,0 +1,56 @@
+"""The baseline stage end to end at the ci tier, on a throwaway project root: files, fixed subset, resume."""
+import pytest
+import torch
+
+from spatialstudy import runs
+from spatialstudy.baseline import BaselineConfig, chance_accuracy, eval_records, main, run_baseline
+from spatialstudy.data import load_omnispatial, write_omnispatial
+from spatialstudy.predictions import read_predictions
+
+N_ITEMS, N_EVAL = 16, 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread; OpenMP threads sharing a busy core spin-wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPATIALSTUDY_ROOT", str(tmp_path))
+    (tmp_path / "notebooks").mkdir()
+    write_omnispatial(tmp_path / "omni", N_ITEMS, seed=5)
+    return tmp_path
+
+
+def test_baseline_writes_its_run_and_resumes(project):
+    cfg = BaselineConfig(profile="ci", n_eval=N_EVAL, max_new_tokens=4, batch_size=8,
+                         omnispatial_path=str(project / "omni"))
+    metrics = run_baseline("ci", cfg)
+    out = runs.require_run("ci", "baseline")
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "metrics.json", "eval_subset.json"} <= names
+    for model in ("student", "teacher"):
+        assert {f"predictions_{model}.jsonl", f"predictions_{model}_blind.jsonl"} <= names
+        m = metrics["models"][model]
+        assert m["n"] == N_EVAL and m["controls"]["blind"]["n"] == N_EVAL
+        assert len(read_predictions(out / f"predictions_{model}.jsonl")) == N_EVAL
+    subset = eval_records("ci")
+    assert len(subset) == N_EVAL and {r.key for r in subset} <= {r.key for r in load_omnispatial(project / "omni")}
+    t = metrics["targets"]
+    assert t["chance"] == pytest.approx(chance_accuracy(subset))
+    assert set(t) >= {"blind_within_5_of_chance", "student_above_chance", "teacher_10_above_student"}
+    again = run_baseline("ci", cfg)  # everything is on disk: nothing is generated twice
+    assert all(m["n_generated_now"] == 0 for m in again["models"].values())
+    assert again["models"]["student"]["scorers"] == metrics["models"]["student"]["scorers"]
+
+
+def test_baseline_config_rejects_bad_parameters():
+    with pytest.raises(ValueError, match="prompt_style"):
+        BaselineConfig(profile="ci", prompt_style="cot")
+    with pytest.raises(KeyError, match="n_eval"):
+        main("ci", {"n_evals": 3})

