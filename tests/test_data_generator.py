@@ -1,4 +1,5 @@
 """Procedural scenes and question families: rendering, point-cloud recovery, ground truth, balance, determinism."""
+from collections import Counter
 import numpy as np
 import pytest
 
@@ -159,7 +160,7 @@ EXPECTED = {
     "image_quadrant": [((0,), "lower left"), ((1,), "upper right")],
     "largest_object": [((), 0)],
     "closer_pair": [((1, 2), 1), ((2, 0), 0)],
-    "left_right_pair": [((0, 1), "left"), ((1, 0), "right")],
+    "relative_direction": [((0, 1), "left"), ((1, 0), "right"), ((1, 2), "in front"), ((2, 1), "behind")],
     "distance_between": [((0, 1), np.sqrt(8.04))],
     "distance_to_camera": [((0,), np.sqrt(12.25))],
     "width_of": [((1,), 0.6)],
@@ -215,7 +216,9 @@ def test_margins_make_labels_unambiguous(items):
         if it.family == "closer_pair":
             a, b = it.roles
             assert abs(g.dist[a] - g.dist[b]) >= F.DIST_MARGIN
-        if it.family in ("is_left", "which_left", "left_right_pair"):
+        if it.family == "relative_direction":
+            assert F._direction_clear(g, *it.roles)
+        if it.family in ("is_left", "which_left"):
             a, b = it.roles
             assert abs(g.uv[a, 0] - g.uv[b, 0]) >= F.IMAGE_MARGIN
 
@@ -230,3 +233,30 @@ def test_camera_projection_roundtrip():
     back = cam.backproject(depth).reshape(112, 112, 3)[r, c]
     assert np.linalg.norm(back - pts[0]) < 0.05                     # within a pixel's footprint
     assert render([], cam).ids.min() == -2                          # sky exists above the ground
+
+
+def _word_prior(items):
+    """Per (family, word): how often an option containing the word is the correct one."""
+    hit, tot = Counter(), Counter()
+    for it in items:
+        for i, o in enumerate(it.options):
+            for w in set(o.lower().split()):
+                tot[it.family, w] += 1
+                hit[it.family, w] += i == it.answer
+    return {k: hit[k] / tot[k] for k in tot}
+
+
+def test_base_families_give_a_blind_guess_no_edge():
+    """A text-only guesser (word priors of the options, fit on one seed) stays at chance on another seed: the
+    pretrained bases can only beat chance by looking at the image."""
+    prior = _word_prior(make_items(320, seed=11, partition="base", per_scene=4))
+    test = make_items(320, seed=12, partition="base", per_scene=4)
+
+    def guess(it):
+        scores = [np.mean([prior.get((it.family, w), 0.25) for w in set(o.lower().split())]) for o in it.options]
+        return int(np.argmax(scores))
+
+    acc = np.mean([guess(it) == it.answer for it in test])
+    assert abs(acc - 0.25) < 0.06, acc
+    answers = Counter(it.options[it.answer] for it in test if it.family == "relative_direction")
+    assert max(answers.values()) - min(answers.values()) <= 1      # the scheduled answers are exactly balanced

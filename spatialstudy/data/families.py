@@ -239,6 +239,7 @@ class Ctx:
     objs: list[Obj]
     rng: np.random.Generator
     colour_free: bool
+    target: object = None      # the scheduled answer of a closed-answer family (kept across retries on this scene)
 
     def name(self, i: int) -> str:
         ob = self.objs[i]
@@ -281,9 +282,15 @@ def _second_gap(vals, best) -> float:
 
 # Each builder returns a QA or None (margin not met / not enough objects).
 
+def _size_named(c: Ctx) -> bool:
+    """Colour-free names use size words for same-shape objects; near objects are more often the small one (big ones
+    close to the camera rarely fit the frame), so "small" would give the answer away to a blind guess."""
+    return c.colour_free and any(ob.size_word for ob in c.objs)
+
+
 def b_nearest_object(c: Ctx):
     i = gt_nearest(c.g)
-    if c.g.k < 2 or _second_gap(c.g.dist, i) < DIST_MARGIN:
+    if c.g.k < 2 or _second_gap(c.g.dist, i) < DIST_MARGIN or _size_named(c):
         return None
     ds = ", ".join(f"{c.the(j)} {m(c.g.dist[j])}" for j in range(c.g.k))
     return QA("Which object is nearest to the camera?", c.object_options(i, list(range(c.g.k))),
@@ -293,7 +300,7 @@ def b_nearest_object(c: Ctx):
 
 def b_farthest_object(c: Ctx):
     i = gt_farthest(c.g)
-    if c.g.k < 2 or _second_gap(c.g.dist, i) < DIST_MARGIN:
+    if c.g.k < 2 or _second_gap(c.g.dist, i) < DIST_MARGIN or _size_named(c):
         return None
     ds = ", ".join(f"{c.the(j)} {m(c.g.dist[j])}" for j in range(c.g.k))
     return QA("Which object is farthest from the camera?", c.object_options(i, list(range(c.g.k))),
@@ -302,11 +309,15 @@ def b_farthest_object(c: Ctx):
 
 
 def b_image_quadrant(c: Ctx):
-    (a,) = c.pick(1)
-    u, v = c.g.uv[a]
-    if min(abs(u - 0.5), abs(v - 0.5)) < QUADRANT_MARGIN:
+    # The answer comes from the generator's per-family schedule (c.target), so each quadrant is correct equally
+    # often and a text-only (blind) guess cannot exploit where objects on the ground usually appear.
+    q = c.target or c.choice(QUADRANTS)
+    cands = [a for a in range(c.g.k) if gt_quadrant(c.g, a) == q
+             and min(abs(c.g.uv[a, 0] - 0.5), abs(c.g.uv[a, 1] - 0.5)) >= QUADRANT_MARGIN]
+    if not cands:
         return None
-    q = gt_quadrant(c.g, a)
+    a = c.choice(cands)
+    u, v = c.g.uv[a]
     return QA(f"In which part of the image is {c.the(a)}?", [q] + [x for x in QUADRANTS if x != q],
               f"I locate {c.the(a)} at {u:.0%} of the width and {v:.0%} of the height, so it is in the {q}.",
               f"The {c.name(a)} is in the {q} of the image.", (a,), q, "choice")
@@ -346,17 +357,40 @@ def _side_ok(c: Ctx, a: int, b: int) -> bool:
     return abs(du) >= IMAGE_MARGIN and np.sign(du) == np.sign(c.g.centroid[a, 0] - c.g.centroid[b, 0])
 
 
-def b_left_right_pair(c: Ctx):
-    r = _pair(c, lambda a, b: _side_ok(c, a, b))
-    if not r:
+def gt_relative_direction(g: Geometry, a: int, b: int) -> str:
+    """Where is a relative to b from the camera's side: left / right (world x) or in front / behind (depth z)."""
+    dx, dz = g.centroid[a, 0] - g.centroid[b, 0], g.centroid[a, 2] - g.centroid[b, 2]
+    if abs(dx) >= abs(dz):
+        return "left" if dx < 0 else "right"
+    return "in front" if dz < 0 else "behind"
+
+
+RELATION_TEXT = {"left": "to the left of", "right": "to the right of", "in front": "in front of",
+                 "behind": "behind"}
+
+
+def _direction_clear(g: Geometry, a: int, b: int) -> bool:
+    """The dominant axis wins clearly, so the four-way answer is unambiguous."""
+    dx, dz = abs(g.centroid[a, 0] - g.centroid[b, 0]), abs(g.centroid[a, 2] - g.centroid[b, 2])
+    return max(dx, dz) >= MIN_OFFSET and max(dx, dz) >= DOMINANCE * min(dx, dz)
+
+
+def b_relative_direction(c: Ctx):
+    # Four genuine answers, the target scheduled by the generator (c.target): no option is a filler that is never
+    # right, and left/right pairs (far more common than clear front/behind ones) are not over-represented.
+    want = c.target or c.choice(tuple(RELATION_TEXT))
+    pairs = [(a, b) for a in range(c.g.k) for b in range(c.g.k)
+             if a != b and _direction_clear(c.g, a, b) and gt_relative_direction(c.g, a, b) == want]
+    if not pairs:
         return None
-    a, b = r
-    s = gt_side(c.g, a, b)
-    opts = [f"to the {s}", f"to the {'right' if s == 'left' else 'left'}", "at the same place", CANT]
-    return QA(f"From the camera's view, is {c.the(a)} to the left or to the right of {c.the(b)}?", opts,
-              f"In the image {c.the(a)} is at {c.g.uv[a, 0]:.0%} of the width and {c.the(b)} at "
-              f"{c.g.uv[b, 0]:.0%}, so {c.the(a)} is to the {s}.",
-              f"The {c.name(a)} is to the {s} of the {c.name(b)}.", r, s, "choice")
+    a, b = c.choice(pairs)
+    dx, dz = c.g.centroid[a, 0] - c.g.centroid[b, 0], c.g.centroid[a, 2] - c.g.centroid[b, 2]
+    rel = RELATION_TEXT[want]
+    return QA(f"Seen from the camera, where is {c.the(a)} relative to {c.the(b)}?",
+              [rel] + [t for t in RELATION_TEXT.values() if t != rel],
+              f"From the point cloud, {c.the(a)} is {m(abs(dx))} to the {'left' if dx < 0 else 'right'} and "
+              f"{m(abs(dz))} {'nearer' if dz < 0 else 'farther'} than {c.the(b)}; the larger offset decides: {rel}.",
+              f"The {c.name(a)} is {rel} the {c.name(b)}.", (a, b), want, "choice")
 
 
 def _numeric(c: Ctx, value: float, question: str, reasoning: str, sentence: str, roles, seconds=False):
@@ -644,10 +678,11 @@ class Family:
     build: Callable[[Ctx], QA | None] = field(repr=False)
     truth: Callable = field(repr=False)
     min_objects: int = 2
+    answers: tuple = ()        # closed answer set: the generator schedules the answer so each is equally common
 
 
-def _fam(name, partition, task, sub, build, truth, min_objects=2):
-    return name, Family(name, partition, task, sub, build, truth, min_objects)
+def _fam(name, partition, task, sub, build, truth, min_objects=2, answers=()):
+    return name, Family(name, partition, task, sub, build, truth, min_objects, answers)
 
 
 EGO, ALLO, HYPO = ("Perspective_Taking", "Egocentric"), ("Perspective_Taking", "Allocentric"), \
@@ -658,14 +693,16 @@ GEOM, PATTERN = ("Complex_Logic", "Geometric_Reasoning"), ("Complex_Logic", "Pat
 MANIP, MOTION = ("Dynamic_Reasoning", "Manipulation"), ("Dynamic_Reasoning", "Motion_Analysis")
 
 FAMILIES: dict[str, Family] = dict([
-    # base: easy single-object questions first, then two-object relations
-    _fam("nearest_object", "base", *LOC, b_nearest_object, gt_nearest),
-    _fam("farthest_object", "base", *LOC, b_farthest_object, gt_farthest),
-    _fam("image_quadrant", "base", *LOC, b_image_quadrant, gt_quadrant),
-    _fam("largest_object", "base", *GEOM, b_largest_object, gt_largest),
-    _fam("closer_pair", "base", *EGO, b_closer_pair, gt_closer),
-    _fam("left_right_pair", "base", *EGO, b_left_right_pair, gt_side),
-    # sft: the SpaceThinker question kinds (metric with units, yes/no predicates, which-one)
+    # base: four genuine options each equally likely a priori (no filler that is never right, targets drawn
+    # uniformly), so what the bases learn is visual and a blind guess stays at chance. Easy single-object questions
+    # first, then a two-object relation.
+    _fam("nearest_object", "base", *LOC, b_nearest_object, gt_nearest, 4),
+    _fam("farthest_object", "base", *LOC, b_farthest_object, gt_farthest, 4),
+    _fam("image_quadrant", "base", *LOC, b_image_quadrant, gt_quadrant, 2, QUADRANTS),
+    _fam("relative_direction", "base", *EGO, b_relative_direction, gt_relative_direction, 2, tuple(RELATION_TEXT)),
+    # sft: the SpaceThinker question kinds (metric with units, yes/no predicates, which-one, bigger / closer)
+    _fam("largest_object", "sft", *GEOM, b_largest_object, gt_largest),
+    _fam("closer_pair", "sft", *EGO, b_closer_pair, gt_closer),
     _fam("distance_between", "sft", *GEOM, b_distance_between, gt_distance),
     _fam("distance_to_camera", "sft", *EGO, b_distance_to_camera, gt_cam_distance),
     _fam("width_of", "sft", *GEOM, b_width_of, gt_width),

@@ -64,6 +64,11 @@ class Schedule:
             self.refill()
         return self.queue.pop()
 
+    def peek(self):
+        if not self.queue:
+            self.refill()
+        return self.queue[-1]
+
     def push_back(self, v):
         self.queue.append(v)
 
@@ -74,11 +79,11 @@ def _place(options: list[str], letter: int, rng) -> tuple[list[str], int]:
     return wrong[:letter] + [options[0]] + wrong[letter:], letter
 
 
-def _try_family(name: str, scene: Scene, rng, colour_free: bool):
+def _try_family(name: str, scene: Scene, rng, colour_free: bool, targets: dict):
     fam = FAMILIES[name]
     if scene.geom.k < fam.min_objects:
         return None
-    ctx = Ctx(scene.geom, scene.objs, rng, colour_free)
+    ctx = Ctx(scene.geom, scene.objs, rng, colour_free, targets[name].peek() if name in targets else None)
     for _ in range(BUILD_TRIES):
         qa = fam.build(ctx)
         if qa is not None:
@@ -103,28 +108,33 @@ def make_items(n: int, seed: int = 0, partition: str | None = None, families=Non
         raise ValueError(f"no families for partition={partition!r}, families={families!r}")
     rng = np.random.default_rng(seed)
     fam_sched, letter_sched = Schedule(names, rng), Schedule(range(4), rng)
+    # closed-answer families get an answer schedule too: a scheduled answer waits until a scene allows it
+    targets = {n_: Schedule(FAMILIES[n_].answers, rng) for n_ in names if FAMILIES[n_].answers}
     items, sid = [], 0
     while len(items) < n:
         scene = sample_scene(rng, image_size, palette)
         for _ in range(min(per_scene, n - len(items))):
-            it = _one(scene, sid, fam_sched, letter_sched, names, rng, keep_scene, colour_free_p)
+            it = _one(scene, sid, fam_sched, letter_sched, names, rng, keep_scene, colour_free_p, targets)
             if it is not None:
                 items.append(it)
         sid += 1
     return items
 
 
-def _one(scene, sid, fam_sched, letter_sched, names, rng, keep_scene, colour_free_p):
+def _one(scene, sid, fam_sched, letter_sched, names, rng, keep_scene, colour_free_p, targets):
     """One item on this scene: the scheduled family if it can be built here, else another (the scheduled one waits)."""
     want = fam_sched.next()
     colour_free = rng.random() < colour_free_p
     if not fam_sched.queue:
         fam_sched.refill()
     upcoming = fam_sched.queue[::-1]              # substitutes come from the current block first, keeping balance
-    rest = [names[i] for i in rng.permutation(len(names)) if names[i] not in upcoming]
-    for name in [want] + upcoming + rest:
-        qa = _try_family(name, scene, rng, colour_free)
+    # substitutes only from the current block: a family that is rarely buildable (e.g. it needs 4 objects) then
+    # costs extra scenes instead of being crowded out by an always-buildable one
+    for name in [want] + upcoming:
+        qa = _try_family(name, scene, rng, colour_free, targets)
         if qa is not None:
+            if name in targets:
+                targets[name].next()            # the scheduled answer was used
             if name != want:                    # swap: the substitute leaves the queue, the wanted one waits
                 fam_sched.push_back(want)
                 if name in fam_sched.queue:
