@@ -15,6 +15,7 @@ from spatialstudy.data.scenes import PALETTE, Scene, sample_scene
 
 LETTERS = "ABCD"
 COLOUR_FREE_P = 0.5            # share of questions that name objects by shape/size only (the issue asks >= 40%)
+N_OBJECTS = (2, 4)             # objects per scene, drawn uniformly
 BUILD_TRIES = 8                # role re-draws per family before giving up on a scene for it
 _COLOUR_RE = re.compile(r"\b(" + "|".join(PALETTE) + r")\b", re.IGNORECASE)
 
@@ -101,8 +102,9 @@ def _item(qa, name, scene, sid, letter, rng, keep_scene) -> Item:
 
 def make_items(n: int, seed: int = 0, partition: str | None = None, families=None, image_size: int = 112,
                palette: str = "distinct", per_scene: int = 1, keep_scene: bool = False,
-               colour_free_p: float = COLOUR_FREE_P) -> list[Item]:
-    """n items from families of `partition` (None = all) or the explicit `families` list; deterministic in seed."""
+               colour_free_p: float = COLOUR_FREE_P, n_objects: tuple[int, int] = N_OBJECTS) -> list[Item]:
+    """n items from families of `partition` (None = all) or the explicit `families` list; deterministic in seed.
+    `n_objects` bounds the objects per scene (more objects: families needing 4 are built on more scenes)."""
     names = families_in(partition, families)
     if not names:
         raise ValueError(f"no families for partition={partition!r}, families={families!r}")
@@ -112,7 +114,7 @@ def make_items(n: int, seed: int = 0, partition: str | None = None, families=Non
     targets = {n_: Schedule(FAMILIES[n_].answers, rng) for n_ in names if FAMILIES[n_].answers}
     items, sid = [], 0
     while len(items) < n:
-        scene = sample_scene(rng, image_size, palette)
+        scene = sample_scene(rng, image_size, palette, n_objects)
         for _ in range(min(per_scene, n - len(items))):
             it = _one(scene, sid, fam_sched, letter_sched, names, rng, keep_scene, colour_free_p, targets)
             if it is not None:
