@@ -124,8 +124,34 @@ def run_baseline(profile: str, cfg: BaselineConfig) -> dict:
                for name, (spec, over) in model_specs(cfg).items()}
     metrics = {"n_eval": len(records), "models": results, "targets": targets(results, chance_accuracy(records))}
     runs.save_run(profile, STAGE, asdict(cfg), metrics)
+    save_figures(metrics, profile)
     print(summary_table(metrics))
     return metrics
+
+
+def _by_group(scorer: dict) -> dict:
+    """{group: (accuracy, lo, hi)}: overall, then per partition (procedural data) or task type (real data)."""
+    out = {"overall": (scorer["accuracy"], *scorer["ci95"])}
+    groups = scorer.get("by_partition") or scorer["by_task_type"]
+    return {**out, **{g: (v["accuracy"], *v["ci95"]) for g, v in groups.items()}}
+
+
+def save_figures(metrics: dict, profile: str) -> None:
+    """Accuracy per model and partition with CIs (and the blind control), and predicted-vs-correct letters."""
+    import matplotlib.pyplot as plt
+
+    from spatialstudy import plotting
+
+    series = {}
+    for name, m in metrics["models"].items():
+        series[name] = _by_group(m["scorers"]["official"])
+        series[f"{name} blind"] = _by_group(m["controls"]["blind"]["scorers"]["official"])
+    fig = plotting.accuracy_bars(series, chance=metrics["targets"]["chance"],
+                                 title="Baselines on the OmniSpatial-format test set (official scorer)")
+    plotting.savefig(fig, "baseline_accuracy", profile)
+    tables = {n: m["scorers"]["official"]["letter_table"] for n, m in metrics["models"].items()}
+    plotting.savefig(plotting.letter_heatmaps(tables), "baseline_letters", profile)
+    plt.close("all")
 
 
 def summary_table(metrics: dict) -> str:

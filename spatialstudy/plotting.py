@@ -33,3 +33,42 @@ def savefig(fig, name: str, profile: str) -> list[Path]:
     fig.savefig(paths[0], dpi=DPI, metadata={"Software": None})
     fig.savefig(paths[1], metadata={"Date": None, "Creator": None})
     return paths
+
+
+def accuracy_bars(series: dict, chance: float | None = None, title: str = "", ylabel: str = "accuracy (%)"):
+    """Grouped bars with 95% CI whiskers: series = {label: {group: (accuracy, lo, hi)}}; a dashed chance line."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    setup_style()
+    groups = list(dict.fromkeys(g for s in series.values() for g in s))
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(groups) * max(1, len(series)) ** 0.5, 3.6))
+    for k, (label, vals) in enumerate(series.items()):
+        x = np.arange(len(groups)) + (k - (len(series) - 1) / 2) * width
+        acc = np.array([vals.get(g, (np.nan,) * 3)[0] for g in groups], float)
+        err = np.array([[a - vals[g][1], vals[g][2] - a] if g in vals else [0, 0] for a, g in zip(acc, groups)]).T
+        ax.bar(x, acc, width, yerr=err, capsize=2, label=label)
+    if chance is not None:
+        ax.axhline(chance, ls="--", c="0.3", lw=1, label=f"chance ({chance:.0f}%)")
+    ax.set_xticks(np.arange(len(groups)), groups)
+    ax.set(ylabel=ylabel, title=title, ylim=(0, 100))
+    ax.legend(fontsize=7, ncol=2, loc="upper right")
+    return fig
+
+
+def letter_heatmaps(tables: dict, letters: str = "ABCD"):
+    """One predicted-vs-correct heatmap per model: tables = {label: {correct: {predicted: count}}}."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    setup_style()
+    fig, axes = plt.subplots(1, len(tables), figsize=(3.2 * len(tables), 3.0), squeeze=False)
+    for ax, (label, table) in zip(axes.flat, tables.items()):
+        preds = sorted({p for row in table.values() for p in row} | set(letters))
+        grid = [[table.get(c, {}).get(p, 0) for p in preds] for c in letters]
+        sns.heatmap(grid, annot=True, fmt="d", cbar=False, cmap="Blues", ax=ax, xticklabels=preds,
+                    yticklabels=list(letters))
+        ax.set(xlabel="predicted", ylabel="correct", title=label)
+    fig.tight_layout()
+    return fig
