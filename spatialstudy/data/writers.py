@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import textwrap
 import os
 import shutil
 import zipfile
@@ -21,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from spatialstudy.data.families import CANT
+from spatialstudy.data.families import PARTITIONS
 from spatialstudy.data.generator import Item, make_items
 
 # SpaceThinker's `input` (VQASynth r1_reasoning._format_input_string): two spaces after each header, a system turn
@@ -35,7 +37,8 @@ REAL_SPACETHINKER = {"train": 11_413, "test": 1_250}
 # Quirk rates of the real OmniSpatial data.json (1,533 items over 1,387 images).
 REAL_OMNI_ITEMS = 1533
 REAL_EMPTY_OPTIONS, REAL_TWO_OPTIONS, REAL_REPEATED = 229, 2, 476
-DRAWN_OPTION_MAX_CHARS = 40       # empty-options items need options short enough to draw legibly
+DRAWN_OPTION_MAX_CHARS = 80       # empty-options items need options short enough to draw legibly ...
+DRAWN_LINE_CHARS = 40             # ... on at most two lines of this many characters in the side panel
 
 
 def _png(img: Image.Image) -> bytes:
@@ -121,7 +124,8 @@ def draw_options(img: Image.Image, options: list[str]) -> Image.Image:
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=max(8, h // 11))
     for i, opt in enumerate(options):
-        draw.text((w + 4, 4 + i * h // 4), f"{chr(65 + i)}. {opt}", fill="black", font=font)
+        text = "\n   ".join(textwrap.wrap(f"{chr(65 + i)}. {opt}", DRAWN_LINE_CHARS))
+        draw.text((w + 4, 4 + i * h // 4), text, fill="black", font=font, spacing=1)
     return canvas
 
 
@@ -170,10 +174,27 @@ def _assign_ids(entries: list[dict]) -> None:
         k_of[(it.task_type, n)] += 1
 
 
+def benchmark_items(n: int, seed: int, image_size: int, palette: str, partition=None, families=None,
+                    per_scene: int = 2) -> list[Item]:
+    """The test set's items. By default equal thirds from each partition (base, sft, test_only), so the overall
+    number weighs the three alike however many families each has, and per-partition results have equal n."""
+    if partition is not None or families is not None:
+        return make_items(n, seed, partition, families, image_size, palette, per_scene)
+    items, scenes = [], 0
+    for k, part in enumerate(PARTITIONS):
+        share = n // len(PARTITIONS) + (k < n % len(PARTITIONS))
+        part_items = make_items(share, seed + k, part, None, image_size, palette, per_scene)
+        for it in part_items:
+            it.scene_id += scenes                 # scene ids stay unique: they decide which items share an image
+        scenes = max((it.scene_id for it in items + part_items), default=-1) + 1
+        items += part_items
+    return items
+
+
 def write_omnispatial(out_dir, n: int, seed: int = 0, image_size: int = 112, palette: str = "distinct",
                       partition: str | None = None, families=None, per_scene: int = 2) -> Path:
     """Write an OmniSpatial-layout test set of n items (all partitions by default, tagged) to out_dir."""
-    items = make_items(n, seed, partition, families, image_size, palette, per_scene)
+    items = benchmark_items(n, seed, image_size, palette, partition, families, per_scene)
     entries = _apply_quirks(items, np.random.default_rng(seed + 7))
     _assign_ids(entries)
 
