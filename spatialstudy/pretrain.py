@@ -24,7 +24,6 @@ from PIL import Image
 
 from spatialstudy import runs
 from spatialstudy.models import TINY_PIXELS, TINY_SPECS, build_tiny, count_params, make_processor, spec_summary
-from spatialstudy.tokenizer import small_tokenizer
 
 LETTERS = "ABCD"
 HELDOUT_SEED = 10_007      # held-out measurement items: a seed no training pool uses
@@ -54,13 +53,14 @@ class PretrainSettings:
 TIERS = {
     ("student", "ci"): PretrainSettings(steps=6, batch_size=4, lr=2e-3, n_scenes=8, per_scene=2, warmup=2),
     ("teacher", "ci"): PretrainSettings(steps=8, batch_size=4, lr=2e-3, n_scenes=8, per_scene=2, warmup=2),
-    ("student", "smoke"): PretrainSettings(steps=500, batch_size=8, lr=2e-3, n_scenes=600, per_scene=4,
-                                           eval_items=300),
-    ("teacher", "smoke"): PretrainSettings(steps=700, batch_size=8, lr=1.5e-3, n_scenes=600, per_scene=4,
-                                           eval_items=300),
-    ("student", "full"): PretrainSettings(steps=2000, batch_size=16, lr=2e-3, n_scenes=3000, per_scene=4,
+    # smoke: about the 5-minute budget for both on 2 free cores (student ~0.3 s/step, teacher ~0.6 s/step)
+    ("student", "smoke"): PretrainSettings(steps=600, batch_size=8, lr=3e-3, n_scenes=300, per_scene=4,
+                                           eval_items=200),
+    ("teacher", "smoke"): PretrainSettings(steps=600, batch_size=8, lr=2e-3, n_scenes=300, per_scene=4,
+                                           eval_items=200),
+    ("student", "full"): PretrainSettings(steps=3000, batch_size=8, lr=3e-3, n_scenes=3000, per_scene=4,
                                           eval_items=600),
-    ("teacher", "full"): PretrainSettings(steps=3000, batch_size=16, lr=1.5e-3, n_scenes=3000, per_scene=4,
+    ("teacher", "full"): PretrainSettings(steps=4000, batch_size=8, lr=2e-3, n_scenes=3000, per_scene=4,
                                           eval_items=600),
 }
 
@@ -87,10 +87,14 @@ def base_tokenizer():
     """The tiny models' small BPE tokenizer, trained once per generator version and cached on disk."""
     from transformers import AutoTokenizer
 
-    out = runs.cache_dir("tokenizer") / runs.config_hash({"generator": generator_version(), "v": 1})
+    from spatialstudy import tokenizer as T
+
+    recipe = {"generator": generator_version(), "split": T.SMALL_SPLIT, "vocab": T.SMALL_VOCAB_SIZE,
+              "corpus": [T.CORPUS_ITEMS, T.CORPUS_PER_SCENE], "blocks": T.PROMPT_BLOCK_NAMES}
+    out = runs.cache_dir("tokenizer") / runs.config_hash(recipe)
     if not (out / "tokenizer.json").exists():
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        small_tokenizer().save_pretrained(tmp)
+        T.small_tokenizer().save_pretrained(tmp)
         _publish(tmp, out)
     return AutoTokenizer.from_pretrained(out)
 
@@ -105,8 +109,14 @@ def _publish(tmp: Path, out: Path) -> None:
 
 def training_pool(s: PretrainSettings, seed: int) -> list[list]:
     """Training items from the base families, grouped by scene (each group shares one image)."""
+    return _pool(s.n_scenes, s.per_scene, seed)
+
+
+@functools.lru_cache(maxsize=2)
+def _pool(n_scenes: int, per_scene: int, seed: int) -> list[list]:
+    """Rendered once per process: the student and the teacher of a tier share it."""
     data, _ = _data()
-    items = data.make_items(s.n_scenes * s.per_scene, seed=seed, partition="base", per_scene=s.per_scene)
+    items = data.make_items(n_scenes * per_scene, seed=seed, partition="base", per_scene=per_scene)
     groups: dict[int, list] = {}
     for it in items:
         groups.setdefault(it.scene_id, []).append(it)
