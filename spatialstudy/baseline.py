@@ -60,8 +60,9 @@ def model_specs(cfg: BaselineConfig) -> dict[str, tuple[str, dict]]:
     """name -> (load_model spec, evaluation overrides); the real models only when their paths are given."""
     specs = {"student": ("tiny-student", {}), "teacher": ("tiny-teacher", {})}
     for name, path in (("real_3b", cfg.real_student), ("real_7b", cfg.real_teacher)):
-        if path:
-            specs[name] = (path, {"max_new_tokens": cfg.real_max_new_tokens})
+        if path:  # a folder relative to the project root, else a hub name in the local cache
+            local = runs.resolve(path)
+            specs[name] = (str(local) if local.exists() else path, {"max_new_tokens": cfg.real_max_new_tokens})
     return specs
 
 

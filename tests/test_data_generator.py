@@ -109,8 +109,11 @@ def test_closer_answer_matches_centroid_depths(items):
 
 def test_letters_exactly_balanced():
     for ps in (1, 3):
-        s = summarize(make_items(100, seed=11, per_scene=ps))
+        s = summarize(make_items(100, seed=11, per_scene=ps, partition="sft"))
         assert s["letter"] == {"A": 25, "B": 25, "C": 25, "D": 25}
+        # fixed-order families take their scheduled answer's letter out of the same schedule: still balanced
+        counts = summarize(make_items(100, seed=11, per_scene=ps))["letter"].values()
+        assert max(counts) - min(counts) <= 2, counts
 
 
 def test_options_exact_and_distinct(items):
@@ -258,5 +261,7 @@ def test_base_families_give_a_blind_guess_no_edge():
 
     acc = np.mean([guess(it) == it.answer for it in test])
     assert abs(acc - 0.25) < 0.06, acc
-    answers = Counter(it.options[it.answer] for it in test if it.family == "relative_direction")
-    assert max(answers.values()) - min(answers.values()) <= 1      # the scheduled answers are exactly balanced
+    for fam in ("relative_direction", "image_quadrant"):
+        answers = Counter(it.options[it.answer] for it in test if it.family == fam)
+        assert max(answers.values()) - min(answers.values()) <= 1  # the scheduled answers are exactly balanced
+        assert len({tuple(it.options) for it in test if it.family == fam}) == 1    # one fixed option order

@@ -65,6 +65,12 @@ class Schedule:
             self.refill()
         return self.queue.pop()
 
+    def take(self, v):
+        """Use a specific value (a fixed-order item's letter), so the running counts stay balanced."""
+        if v not in self.queue:
+            self.refill()
+        self.queue.remove(v)
+
     def peek(self):
         if not self.queue:
             self.refill()
@@ -92,9 +98,13 @@ def _try_family(name: str, scene: Scene, rng, colour_free: bool, targets: dict):
     return None
 
 
-def _item(qa, name, scene, sid, letter, rng, keep_scene) -> Item:
+def _item(qa, name, scene, sid, letter_sched, rng, keep_scene) -> Item:
     fam = FAMILIES[name]
-    opts, ans = _place(qa.options, letter, rng)
+    if qa.order:                                 # fixed option order: the scheduled answer decides the letter
+        opts, ans = list(qa.order), qa.order.index(qa.options[0])
+        letter_sched.take(ans)
+    else:
+        opts, ans = _place(qa.options, letter_sched.next(), rng)
     free = not names_colour(qa.question + " " + " ".join(opts))
     return Item(scene.image, qa.question, opts, ans, name, fam.partition, fam.task_type, fam.sub_task_type,
                 qa.reasoning, qa.free_answer, sid, qa.kind, qa.roles, qa.value, free, scene if keep_scene else None)
@@ -141,7 +151,7 @@ def _one(scene, sid, fam_sched, letter_sched, names, rng, keep_scene, colour_fre
                 fam_sched.push_back(want)
                 if name in fam_sched.queue:
                     fam_sched.queue.remove(name)
-            return _item(qa, name, scene, sid, letter_sched.next(), rng, keep_scene)
+            return _item(qa, name, scene, sid, letter_sched, rng, keep_scene)
     fam_sched.push_back(want)
     return None
 
