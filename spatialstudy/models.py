@@ -80,6 +80,30 @@ TINY_SPECS = {
 }
 
 
+# The real pair's published config.json values (Qwen/Qwen2.5-VL-{3B,7B}-Instruct), for random-weight benchmarks of
+# real-size architectures on a GPU (no hub access anywhere here). Both share the 32-block ViT (hidden 1280).
+REAL_TEXT = {
+    "3B": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}
+REAL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+REAL_TOKEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                      vision_end_token_id=151653)
+
+
+def real_config(size: str) -> Qwen2_5_VLConfig:
+    """The Qwen2.5-VL-3B or -7B architecture ("3B" | "7B") as a config, for random-weight speed/memory checks."""
+    t = REAL_TEXT[size]
+    text = dict(t, max_position_embeddings=128000, rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645,
+                rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6})
+    vision = dict(REAL_VISION, out_hidden_size=t["hidden_size"])
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=t["tie_word_embeddings"],
+                            **REAL_TOKEN_IDS)
+
+
 def padded_vocab(n_tokens: int, spec: TinySpec) -> int:
     """Embedding rows: len(tokenizer) plus spare rows, rounded up (as Qwen pads 151,665 to 151,936 / 152,064)."""
     return math.ceil((n_tokens + spec.vocab_extra) / spec.vocab_multiple) * spec.vocab_multiple
