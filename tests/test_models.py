@@ -123,3 +123,16 @@ def test_real_qwen_tokenizer_ids():
     assert tok.convert_tokens_to_ids(["<|im_end|>", "<|image_pad|>", "<|endoftext|>"]) == [151645, 151655, 151643]
     proc = models.make_processor(tok)
     assert int((_inputs(proc)["input_ids"] == 151655).sum()) == 16
+
+
+@pytest.mark.parametrize("size,billions,layers,heads", [("3B", 3.75, 36, 16), ("7B", 8.29, 28, 28)])
+def test_real_configs_match_the_published_models(size, billions, layers, heads):
+    """Built on the meta device (no memory): the parameter count is the published one (3.75 B / 8.29 B)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(models.real_config(size))
+    assert round(models.count_params(model)["total"] / 1e9, 2) == billions
+    text = model.config.text_config
+    assert (text.num_hidden_layers, text.num_attention_heads, text.head_dim if hasattr(text, "head_dim") else
+            text.hidden_size // text.num_attention_heads) == (layers, heads, 128)
