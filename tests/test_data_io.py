@@ -12,7 +12,7 @@ from PIL import Image
 from spatialstudy.data import (DataError, last_report, load_omnispatial, load_spacethinker, make_items,
                                write_omnispatial, write_spacethinker, zip_folder)
 from spatialstudy.data.loaders import extract_question
-from spatialstudy.data.writers import INPUT_TEMPLATE, quirk_counts, write_parquet
+from spatialstudy.data.writers import INPUT_TEMPLATE, partition_counts, quirk_counts, write_parquet
 
 N_OMNI = 120
 
@@ -197,8 +197,15 @@ def test_omnispatial_roundtrip_and_quirks(omni_root):
     rep = [r for r in recs if r.options and len(set(r.options)) < len(r.options)]
     assert len(rep) == want["repeated_option"]
     assert all(r.options.count(r.options[r.answer]) == 1 for r in rep)       # the answer itself is never doubled
-    assert {r.partition for r in recs} == {"base", "sft", "test_only"} and all(r.family for r in recs)
+    assert all(r.family for r in recs)
+    assert Counter(r.partition for r in recs) == partition_counts(N_OMNI) == {"base": 60, "sft": 30, "test_only": 30}
     assert all(r.letter == "ABCD"[r.answer] for r in recs)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 401])
+def test_partition_counts_sum_to_n(n):
+    counts = partition_counts(n)
+    assert sum(counts.values()) == n and counts["base"] >= counts["sft"] >= counts["test_only"]
 
 
 def test_omnispatial_zip_and_nested_folder(omni_root, tmp_path):

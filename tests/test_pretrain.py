@@ -38,7 +38,7 @@ def test_pool_uses_only_base_families():
 def test_labels_cover_only_assistant_answers(proc):
     s = dataclasses.replace(pretrain.TIERS[("student", "ci")], icl_fraction=0.5, direct_fraction=0.5)
     pool, rng = _pool(s), random.Random(3)
-    episodes = [pretrain.episode(pool, rng, s) for _ in range(12)]
+    episodes = [pretrain.episode(pool, rng, s, few_shot=k % 2 == 0) for k in range(12)]
     batch = pretrain.collate(episodes, proc)
     tok = proc.tokenizer
     for (msgs, images), ids, labels in zip(episodes, batch["input_ids"], batch["labels"]):
