@@ -102,15 +102,21 @@ def chance_accuracy(records: list) -> float:
 
 
 def targets(results: dict, chance: float) -> dict:
-    """The pretraining targets of the tiny bases, with their numbers (official scorer)."""
+    """The pretraining targets of the tiny bases, with their numbers (official scorer), plus each base's accuracy
+    on the base partition (the families pretraining teaches) where the records carry partitions."""
     s, t = results["student"], results["teacher"]
     blind = s["controls"]["blind"]["accuracy_official"]
     lo = s["scorers"]["official"]["ci95"][0]
-    return {"chance": chance, "student": s["accuracy_official"], "teacher": t["accuracy_official"],
-            "student_blind": blind,
-            "blind_within_5_of_chance": abs(blind - chance) <= CHANCE_TOLERANCE,
-            "student_above_chance": lo > chance, "student_below_ceiling": s["accuracy_official"] < CEILING,
-            "teacher_10_above_student": t["accuracy_official"] - s["accuracy_official"] >= TEACHER_MARGIN}
+    out = {"chance": chance, "student": s["accuracy_official"], "teacher": t["accuracy_official"],
+           "student_blind": blind,
+           "blind_within_5_of_chance": abs(blind - chance) <= CHANCE_TOLERANCE,
+           "student_above_chance": lo > chance, "student_below_ceiling": s["accuracy_official"] < CEILING,
+           "teacher_10_above_student": t["accuracy_official"] - s["accuracy_official"] >= TEACHER_MARGIN}
+    for name, m in (("student", s), ("teacher", t)):
+        base = m["scorers"]["official"].get("by_partition", {}).get("base")
+        if base:
+            out[f"{name}_base_partition"] = base["accuracy"]
+    return out
 
 
 def run_baseline(profile: str, cfg: BaselineConfig) -> dict:
