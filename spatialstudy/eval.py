@@ -7,8 +7,8 @@ are drawn in the image). The official README averages 5 repeats; decoding here i
 prompt_style="direct" a bare-letter reply has no "Answer: X", so the official scorer falls back to "A" there and
 the lenient one (which reads bare letters) is the meaningful number.
 
-    python -m spatialstudy.eval --model tiny-student --data runs/smoke/01_data/omnispatial --out /tmp/ev --shard 0/2
-    python -m spatialstudy.eval --model tiny-student --data ... --out /tmp/ev --merge 2
+    python -m spatialstudy.eval --model tiny-student --data runs/smoke/01_data/OmniSpatial-test --out runs/ev --shard 0/2
+    python -m spatialstudy.eval --model tiny-student --data runs/smoke/01_data/OmniSpatial-test --out runs/ev --merge 2
 """
 from __future__ import annotations
 

@@ -75,8 +75,9 @@ def run_notebook(name: str, profile: str, params: dict) -> Path:
     out = runs.root() / "reports" / profile / f"{name}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        pm.execute_notebook(str(notebooks_dir() / f"{name}.ipynb"), str(out), parameters=params,
-                            kernel_name=KERNEL, cwd=str(notebooks_dir()), progress_bar=False)
+        # relative paths: papermill stores them in the executed copy, which is committed under reports/
+        pm.execute_notebook(os.path.relpath(notebooks_dir() / f"{name}.ipynb"), os.path.relpath(out),
+                            parameters=params, kernel_name=KERNEL, cwd=str(notebooks_dir()), progress_bar=False)
     except pm.PapermillExecutionError as err:
         raise StageFailed(f"notebook {name} failed in cell {err.cell_index} (execution count {err.exec_count}): "
                           f"{err.ename}: {err.evalue}\n  executed copy with the traceback: {out}") from None
