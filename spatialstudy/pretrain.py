@@ -219,8 +219,10 @@ def _save_state(work: Path, model, opt, step: int, losses: list[float]) -> None:
     os.replace(work / "state.tmp", work / "state.pt")
 
 
-def train(model, processor, pool, s: PretrainSettings, seed: int, work: Path, desc: str) -> list[float]:
-    """AdamW on answer tokens; checkpoints into `work` so an interrupted run resumes where it stopped."""
+def train(model, processor, pool, s: PretrainSettings, seed: int, work: Path, desc: str,
+          after_step=None) -> list[float]:
+    """AdamW on answer tokens; checkpoints into `work` so an interrupted run resumes where it stopped.
+    `after_step(steps_done)`, if given, is called after every step (e.g. to measure a learning curve)."""
     from tqdm.auto import tqdm
 
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.98))
@@ -247,6 +249,8 @@ def train(model, processor, pool, s: PretrainSettings, seed: int, work: Path, de
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
         if (step + 1) % CKPT_EVERY == 0 and step + 1 < s.steps:
             _save_state(work, model, opt, step + 1, losses)
+        if after_step:
+            after_step(step + 1)
     model.eval()
     return losses
 

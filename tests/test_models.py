@@ -134,5 +134,5 @@ def test_real_configs_match_the_published_models(size, billions, layers, heads):
         model = Qwen2_5_VLForConditionalGeneration._from_config(models.real_config(size))
     assert round(models.count_params(model)["total"] / 1e9, 2) == billions
     text = model.config.text_config
-    assert (text.num_hidden_layers, text.num_attention_heads, text.head_dim if hasattr(text, "head_dim") else
-            text.hidden_size // text.num_attention_heads) == (layers, heads, 128)
+    assert (text.num_hidden_layers, text.num_attention_heads, text.hidden_size // text.num_attention_heads) == (
+        layers, heads, 128)

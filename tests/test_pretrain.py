@@ -74,18 +74,20 @@ def test_resume_from_checkpoint_matches_uninterrupted(cache_root, monkeypatch, p
     monkeypatch.setattr(pretrain, "CKPT_EVERY", 2)
     pool = _pool(s)
 
-    def run(work):
+    def run(work, seen):
         work.mkdir(exist_ok=True)
         model = pretrain.build_tiny("student", proc.tokenizer, seed=0)
-        return model, pretrain.train(model, proc, pool, s, 0, work, "test")
+        return model, pretrain.train(model, proc, pool, s, 0, work, "test", after_step=seen.append)
 
-    full_model, full_losses = run(cache_root / "a")
+    full_seen, resumed_seen = [], []
+    full_model, full_losses = run(cache_root / "a", full_seen)
     state = torch.load(cache_root / "a" / "state.pt", weights_only=False)  # as a crash after step 2 leaves it
     assert state["step"] == 2
     (cache_root / "b").mkdir()
     torch.save(state, cache_root / "b" / "state.pt")
-    resumed, losses = run(cache_root / "b")
+    resumed, losses = run(cache_root / "b", resumed_seen)
     assert losses == full_losses
+    assert full_seen == [1, 2, 3, 4] and resumed_seen == [3, 4]  # the hook sees only the steps run now
     for p, q in zip(full_model.parameters(), resumed.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
 
