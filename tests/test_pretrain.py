@@ -35,6 +35,18 @@ def test_pool_uses_only_base_families():
     assert all(len({it.scene_id for it in g}) == 1 for g in pool)
 
 
+def test_pool_single_object_share():
+    """The easy rung: that share of the pool's scenes holds one object (so its role is object 0), asked where it is;
+    the other scenes hold 2-4 objects and ask about any of them."""
+    s = dataclasses.replace(pretrain.TIERS[("student", "ci")], n_scenes=16, per_scene=1, single_object=0.5)
+    pool = _pool(s)
+    assert len(pool) == 16
+    single, multi = pool[8:], pool[:8]       # single-object scenes come after the multi-object ones
+    assert all(g[0].family == "image_quadrant" and g[0].roles == (0,) for g in single)
+    assert {it.family for g in multi for it in g} == {"image_quadrant", "relative_direction"}
+    assert max(r for g in multi for it in g for r in it.roles) >= 1
+
+
 def test_labels_cover_only_assistant_answers(proc):
     s = dataclasses.replace(pretrain.TIERS[("student", "ci")], icl_fraction=0.5, direct_fraction=0.5)
     pool, rng = _pool(s), random.Random(3)
