@@ -86,8 +86,10 @@ def evaluate_model(spec: str, profile: str, records: list, out_dir: Path, cfg: B
     from spatialstudy.eval import evaluate_with_controls
 
     model, processor = _load(spec, profile)
+    # restart_stale: predictions left by an earlier run of this stage with other bases (retrained after a generator
+    # change) or settings are replaced, not mixed in; those of this configuration are resumed
     kw = dict(out_dir=out_dir, name=name, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-              prompt_style=cfg.prompt_style)
+              prompt_style=cfg.prompt_style, restart_stale=True)
     metrics = evaluate_with_controls(model, processor, records, **{**kw, **overrides})
     del model, processor
     gc.collect()

@@ -26,8 +26,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from spatialstudy import runs
-from spatialstudy.predictions import (append_rows, merge_shards, predictions_path, read_predictions, rows_for,
-                                      shard_records)
+from spatialstudy.predictions import (append_rows, discard_stale, merge_shards, predictions_path, read_predictions,
+                                      rows_for, shard_records)
 from spatialstudy.scoring import LETTERS, SCORERS, extract_answer, summarize
 
 __all__ = ["PROMPT_STYLES", "eval_subset", "build_messages", "evaluate", "evaluate_with_controls", "merge_shards",
@@ -194,12 +194,14 @@ def _run_batches(model, processor, todo, path, chash, *, max_new_tokens, batch_s
 def evaluate(model, processor, records: Sequence, *, out_dir, max_new_tokens: int = 64, batch_size: int = 8,
              prompt_style: str = "manual_cot", blind: bool = False, shard: tuple[int, int] | None = None,
              progress: bool = True, name: str = "model", demos_fn: Callable | None = None,
-             config_extra: dict | None = None, overwrite: bool = False, on_batch: Callable | None = None) -> dict:
+             config_extra: dict | None = None, overwrite: bool = False, restart_stale: bool = False,
+             on_batch: Callable | None = None) -> dict:
     """Evaluate `records`; predictions go to out_dir/predictions_<name>[_blind][.shardIofN].jsonl, metrics returned.
 
     One greedy pass: the official protocol's 5 repeats would be identical under greedy decoding.
     Resumable: items already in the file under the same config hash are skipped. `demos_fn(record)` gives ICL
     demo turns; put anything that changes them (k, index) in `config_extra` so the hash tells runs apart.
+    A file of another configuration is an error, unless `restart_stale` (a stage that owns its run dir) drops it.
     `latency_s` per item is its batch's wall time divided by the batch size (amortised).
     """
     config = eval_config(model, processor, max_new_tokens=max_new_tokens, prompt_style=prompt_style, blind=blind,
@@ -208,6 +210,8 @@ def evaluate(model, processor, records: Sequence, *, out_dir, max_new_tokens: in
     path = predictions_path(out_dir, name, blind, shard)
     if overwrite:
         path.unlink(missing_ok=True)
+    elif restart_stale and discard_stale(path, chash):
+        print(f"{path}: held predictions of another configuration; evaluating afresh")
     done = {(r["task_type"], r["id"]) for r in read_predictions(path, chash)}
     mine = shard_records(records, shard)
     todo = sorted((r for r in mine if r.key not in done), key=lambda r: _request_length(processor, r))

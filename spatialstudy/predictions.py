@@ -44,6 +44,17 @@ def read_predictions(path: Path, config_hash: str | None = None) -> list[dict]:
     return rows
 
 
+def discard_stale(path, config_hash: str) -> bool:
+    """Delete `path` if it holds predictions of another configuration (a pipeline stage re-run after its model or
+    settings changed); True if it did. A file of this configuration is kept, so the run resumes."""
+    try:
+        read_predictions(path, config_hash)
+    except ValueError:
+        Path(path).unlink()
+        return True
+    return False
+
+
 def append_rows(path: Path, rows: list[dict]) -> None:
     """Append one batch and fsync, so a crash loses at most the batch in flight."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import pytest
 from spatialstudy.data import FAMILIES, PARTITIONS, SUBTASK_FAMILIES, make_items, palette, sample_scene, summarize
 from spatialstudy.data import families as F
 from spatialstudy.data.generator import names_colour
+from spatialstudy.data import scenes as S
 from spatialstudy.data.scenes import Camera, Geometry, luma, point_cloud, render
 
 
@@ -236,6 +237,19 @@ def test_camera_projection_roundtrip():
     back = cam.backproject(depth).reshape(112, 112, 3)[r, c]
     assert np.linalg.norm(back - pts[0]) < 0.05                     # within a pixel's footprint
     assert render([], cam).ids.min() == -2                          # sky exists above the ground
+
+
+def test_side_light_tells_left_from_right():
+    """An empty floor is left-right symmetric but for the side light: ground brightness falls from the left edge to
+    the right edge by (1 + SIDE_LIGHT) / (1 - SIDE_LIGHT), and each row's ground is mirror-image brighter on the left."""
+    cam = Camera(112)
+    img = np.asarray(render([], cam).image, float).mean(2)
+    row = img[100]                                                   # a ground row near the bottom
+    assert np.all(np.diff(row) <= 0.5)                              # never brighter towards the right
+    edge_ratio = row[0] / row[-1]
+    expected = (1 + S.SIDE_LIGHT) / (1 - S.SIDE_LIGHT)
+    assert edge_ratio > 1.2 and abs(edge_ratio - expected) < 0.1 * expected
+    assert abs(row[56] - row[55]) < 2                               # no seam at the centre
 
 
 def _word_prior(items):

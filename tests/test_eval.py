@@ -121,6 +121,9 @@ def test_interrupted_evaluation_resumes_without_repeating(tiny, records, tmp_pat
     assert again["n_generated_now"] == 0 and again["accuracy_official"] == metrics["accuracy_official"]
     with pytest.raises(ValueError, match="another configuration"):
         run(tiny, records, tmp_path, max_new_tokens=MAX_NEW + 1)
+    fresh = run(tiny, records, tmp_path, max_new_tokens=MAX_NEW + 1, restart_stale=True)  # a stage re-run
+    assert fresh["n_generated_now"] == N_ITEMS and len(read_predictions(path)) == N_ITEMS
+    assert run(tiny, records, tmp_path, max_new_tokens=MAX_NEW + 1, restart_stale=True)["n_generated_now"] == 0
 
 
 def test_shards_merge_to_the_unsharded_result(tiny, records, tmp_path):

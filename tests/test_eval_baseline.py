@@ -1,4 +1,6 @@
 """The baseline stage end to end at the ci tier, on a throwaway project root: files, fixed subset, resume."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -47,6 +49,9 @@ def test_baseline_writes_its_run_and_resumes(project):
     again = run_baseline("ci", cfg)  # everything is on disk: nothing is generated twice
     assert all(m["n_generated_now"] == 0 for m in again["models"].values())
     assert again["models"]["student"]["scorers"] == metrics["models"]["student"]["scorers"]
+    longer = run_baseline("ci", replace(cfg, max_new_tokens=5))  # another configuration: evaluated afresh, not mixed
+    assert all(m["n_generated_now"] == N_EVAL for m in longer["models"].values())
+    assert len(read_predictions(out / "predictions_student.jsonl", longer["models"]["student"]["config_hash"])) == N_EVAL
 
 
 def test_baseline_config_rejects_bad_parameters():

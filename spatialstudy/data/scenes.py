@@ -19,6 +19,11 @@ AMBIENT, DIFFUSE = 0.35, 0.75    # Lambertian shading: colour * (ambient + diffu
 SHADOW_EPS = 1e-3                # offset of shadow-ray origins along the normal (avoids self-shadowing acne)
 GROUND_RGB = (150, 146, 136)     # plain warm grey ground
 SKY_TOP, SKY_HORIZON = (120, 165, 225), (200, 220, 240)
+# The sky band and the perspective of the ground tell a patch how high it sits in the image, but a plain floor is
+# left-right symmetric, and Qwen2.5-VL has only rotary (relative) positions: measured, tiny bases then learnt upper vs
+# lower perfectly and left vs right not at all. A soft light from the left dims the ground across the view, as a window
+# beside a real room does, so every patch of ground also tells how far left it is.
+SIDE_LIGHT = 0.3                 # ground brightness x1.3 at the view's left edge, x0.7 at its right edge
 
 # --- objects ---
 SHAPES = ("cube", "sphere", "cylinder")
@@ -252,6 +257,13 @@ def _in_shadow(points, normals, objs):
     return blocked
 
 
+def _side_light(d, cam: Camera) -> np.ndarray:
+    """Per-ray ground brightness factor, falling linearly from 1 + SIDE_LIGHT (left edge) to 1 - SIDE_LIGHT (right)."""
+    r, _, f = cam.axes
+    across = np.clip((d @ r) / (d @ f) / np.tan(np.radians(cam.fov_deg) / 2), -1, 1)   # -1 left edge, +1 right edge
+    return 1 - SIDE_LIGHT * across
+
+
 def render(objs: list[Obj], cam: Camera) -> Render:
     """Ray-cast the scene: Lambertian shading with hard shadows, a sky gradient, and the z-depth map."""
     d = cam.rays()
@@ -262,7 +274,7 @@ def render(objs: list[Obj], cam: Camera) -> Render:
     lit[hit] = ~_in_shadow(pts[hit], normals[hit], objs)
     albedo = np.array([GROUND_RGB] + [ob.rgb for ob in objs], float)[np.where(ids >= 0, ids + 1, 0)]
     shade = AMBIENT + DIFFUSE * np.clip(normals @ LIGHT_DIR, 0, 1) * lit
-    rgb = albedo * shade[:, None]
+    rgb = albedo * shade[:, None] * np.where(ids == -1, _side_light(d, cam), 1.0)[:, None]
     sky_mix = np.clip(d[:, 1] * 3, 0, 1)[:, None]             # bluer towards the zenith
     sky = (1 - sky_mix) * np.array(SKY_HORIZON) + sky_mix * np.array(SKY_TOP)
     rgb = np.where(hit[:, None], rgb, sky)
