@@ -4,8 +4,10 @@
 
 Runs spatialstudy.pretrain.train itself (same pool, batches, schedule and optimiser as the smoke tier, with steps
 and lr overridden; nothing is cached). Every --every steps it scores 200 held-out base-partition items by the
-teacher-forced argmax over the four letters after "Answer:", with the image and blind (grey image), and prints one
-JSON line. The curves in reports/pretraining_targets.md were measured this way.
+teacher-forced argmax over the four letters after "Answer:", with the image and blind (grey image), per family and
+naming (colour- or shape-named), plus 100 one-object image-quadrant items ("single", with the share of answers
+that get the left/right and the upper/lower half right), and prints one JSON line. The curves in
+reports/pretraining_targets.md were measured this way.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from spatialstudy.data import make_items, prompts  # noqa: E402
 from spatialstudy.models import build_tiny, make_processor  # noqa: E402
 
 N_HELDOUT = 200
+N_SINGLE = 100
 
 
 @torch.no_grad()
@@ -43,15 +46,25 @@ def letter_predictions(model, processor, items, blind: bool, batch_size: int = 3
     return torch.cat(out)
 
 
-def curve_point(model, processor, items, step: int, t0: float) -> dict:
-    """Accuracy with and without the image, per family, and the predicted-letter counts at one step."""
+def _acc(pred, truth, mask=None) -> float:
+    mask = torch.ones_like(truth, dtype=torch.bool) if mask is None else mask
+    return round((pred[mask] == truth[mask]).float().mean().item(), 3)
+
+
+def curve_point(model, processor, items, single, step: int, t0: float) -> dict:
+    """Accuracy with and without the image, per family and naming, on one-object items (and per spatial bit: the
+    quadrant letters are ordered upper left, upper right, lower left, lower right), and the predicted letters."""
     truth = torch.tensor([it.answer for it in items])
     pred, blind = (letter_predictions(model, processor, items, b) for b in (False, True))
-    row = {"step": step, "t": round(time.time() - t0), "acc": (pred == truth).float().mean().item(),
-           "blind": (blind == truth).float().mean().item()}
+    row = {"step": step, "t": round(time.time() - t0), "acc": _acc(pred, truth), "blind": _acc(blind, truth)}
     for fam in sorted({it.family for it in items}):
-        mask = torch.tensor([it.family == fam for it in items])
-        row[fam] = round((pred[mask] == truth[mask]).float().mean().item(), 3)
+        for shape_named in (False, True):
+            mask = torch.tensor([it.family == fam and it.colour_free == shape_named for it in items])
+            row[f"{fam}_{'shape' if shape_named else 'colour'}"] = _acc(pred, truth, mask)
+    one_truth = torch.tensor([it.answer for it in single])
+    one = letter_predictions(model, processor, single, False)
+    row.update(single=_acc(one, one_truth), single_left_right=_acc(one % 2, one_truth % 2),
+               single_upper_lower=_acc(one // 2, one_truth // 2))
     row["letters"] = [int((pred == i).sum()) for i in range(4)]
     return row
 
@@ -63,12 +76,13 @@ def main(args) -> None:
     proc = make_processor(tok)
     model = build_tiny(args.model, tok, seed=args.seed)
     held = make_items(N_HELDOUT, seed=P.HELDOUT_SEED, partition="base")
+    single = make_items(N_SINGLE, seed=P.HELDOUT_SEED + 1, families=["image_quadrant"], n_objects=(1, 1))
     t0 = time.time()
 
     def after_step(done: int) -> None:
         if done % args.every == 0:
             model.eval()
-            print(json.dumps(curve_point(model, proc, held, done, t0)), flush=True)
+            print(json.dumps(curve_point(model, proc, held, single, done, t0)), flush=True)
             model.train()
 
     with tempfile.TemporaryDirectory() as work:  # train() checkpoints here; the curve run keeps nothing

@@ -61,8 +61,8 @@ TIERS = {
                                         single_object=0.5),
     # smoke (recipe 4): one question per image, 32 images per step, half the scenes single-object, half the questions
     # shape-named. Measured (2026-11-27, 1 thread, 200 held-out base items, teacher-forced letter; see
-    # reports/pretraining_targets.md): the student reaches 38.5% at 400 steps (39% at 600), the teacher 36.5% at 200
-    # and about 35% after; neither gains from more steps within minutes, so the steps fit the ~5 minute budget.
+    # reports/pretraining_targets.md): the student reaches 38% at 400 steps (one-object items 98%), the teacher 38.5%
+    # at 200 and 37.5% at 400 (one-object 100% from step 300); the steps fit the ~5 minute budget for both.
     ("student", "smoke"): PretrainSettings(steps=400, batch_size=32, lr=5e-4, n_scenes=2400, per_scene=1,
                                            icl_fraction=0.1, max_shots=2, eval_items=200, single_object=0.5),
     ("teacher", "smoke"): PretrainSettings(steps=450, batch_size=32, lr=5e-4, n_scenes=2400, per_scene=1,
