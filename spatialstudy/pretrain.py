@@ -129,7 +129,7 @@ def _pool(n_scenes: int, per_scene: int, seed: int, single_object: float = 0.0) 
     multi = data.make_items((n_scenes - n_single) * per_scene, seed=seed, partition="base", per_scene=per_scene,
                             colour_free_p=POOL_COLOUR_FREE)
     single = data.make_items(n_single, seed=seed + 1, families=["image_quadrant"], n_objects=(1, 1),
-                             colour_free_p=POOL_COLOUR_FREE) if n_single else []
+                             colour_free_p=POOL_COLOUR_FREE)
     return _by_scene(multi) + _by_scene(single)   # grouped apart: both lists number their scenes from 0
 
 

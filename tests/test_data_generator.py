@@ -241,7 +241,7 @@ def test_camera_projection_roundtrip():
 
 def test_side_light_tells_left_from_right():
     """An empty floor is left-right symmetric but for the side light: ground brightness falls from the left edge to
-    the right edge by (1 + SIDE_LIGHT) / (1 - SIDE_LIGHT), and each row's ground is mirror-image brighter on the left."""
+    the right edge by (1 + SIDE_LIGHT) / (1 - SIDE_LIGHT), smoothly (a ground row near the bottom, checked pixel by pixel)."""
     cam = Camera(112)
     img = np.asarray(render([], cam).image, float).mean(2)
     row = img[100]                                                   # a ground row near the bottom
