@@ -14,36 +14,30 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spatialstudy import pretrain as P  # noqa: E402
-from spatialstudy.data import make_items, prompts  # noqa: E402
+from spatialstudy.data import make_items  # noqa: E402
+from spatialstudy.data.streams import role_seed  # noqa: E402
 from spatialstudy.models import build_tiny, make_processor  # noqa: E402
 
 N_HELDOUT = 200
 N_SINGLE = 100
+LETTERS = "ABCD"
 
 
-@torch.no_grad()
-def letter_predictions(model, processor, items, blind: bool, batch_size: int = 32) -> torch.Tensor:
-    """Argmax over the four letters at the answer position, teacher-forced after "Answer:" (left padding)."""
-    ids, out = P.letter_ids(processor.tokenizer, "manual_cot"), []
-    processor.tokenizer.padding_side = "left"  # the last position is then every row's answer position
-    for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
-        imgs = [Image.new("RGB", it.image.size, P.BLANK_RGB) if blind else it.image for it in chunk]
-        texts = [processor.apply_chat_template([P._turn(it, "manual_cot", True, prompts)], tokenize=False,
-                                               add_generation_prompt=True) + "Answer:" for it in chunk]
-        batch = processor(text=texts, images=imgs, return_tensors="pt", padding=True)
-        out.append(model(**batch).logits[:, -1, ids].argmax(-1))
-    return torch.cat(out)
+def letter_predictions(model, processor, items, blind: bool) -> torch.Tensor:
+    """Letters of generated answers (official rule; a missing or out-of-range letter counts as -1)."""
+    texts = P.generate_answers(model, processor, items, "manual_cot", blind)
+    letters = [P.official_letter(t) for t in texts]
+    return torch.tensor([LETTERS.index(c) if c in LETTERS[:len(it.options)] else -1 for c, it in zip(letters, items)])
 
 
 def _acc(pred, truth, mask=None) -> float:
@@ -52,8 +46,8 @@ def _acc(pred, truth, mask=None) -> float:
 
 
 def curve_point(model, processor, items, single, step: int, t0: float) -> dict:
-    """Accuracy with and without the image, per family and naming, on one-object items (and per spatial bit: the
-    quadrant letters are ordered upper left, upper right, lower left, lower right), and the predicted letters."""
+    """Accuracy with and without the image, per family and naming, on one-object items (and per spatial bit for
+    one-object items shown in the sorted order lower left, lower right, upper left, upper right), and the letters."""
     truth = torch.tensor([it.answer for it in items])
     pred, blind = (letter_predictions(model, processor, items, b) for b in (False, True))
     row = {"step": step, "t": round(time.time() - t0), "acc": _acc(pred, truth), "blind": _acc(blind, truth)}
@@ -69,14 +63,26 @@ def curve_point(model, processor, items, single, step: int, t0: float) -> dict:
     return row
 
 
+def _settings(args) -> P.PretrainSettings:
+    """The smoke tier's settings with --steps, --lr and any --set field=value overridden."""
+    s = dataclasses.replace(P.TIERS[(args.model, "smoke")], steps=args.steps, lr=args.lr)
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        s = dataclasses.replace(s, **{k: type(getattr(s, k))(v)})
+    return s
+
+
 def main(args) -> None:
     torch.set_num_threads(args.threads)
-    s = dataclasses.replace(P.TIERS[(args.model, "smoke")], steps=args.steps, lr=args.lr)
+    s = _settings(args)
+    print(json.dumps({"settings": dataclasses.asdict(s)}), flush=True)
     tok = P.base_tokenizer()
     proc = make_processor(tok)
     model = build_tiny(args.model, tok, seed=args.seed)
-    held = make_items(N_HELDOUT, seed=P.HELDOUT_SEED, partition="base")
-    single = make_items(N_SINGLE, seed=P.HELDOUT_SEED + 1, families=["image_quadrant"], n_objects=(1, 1))
+    held = make_items(N_HELDOUT, seed=role_seed(args.seed, "pretrain_heldout/base"), partition="base")
+    single = [P.view(it, random.Random(0), True, 0.0)   # sorted options: letter // 2 is the upper/lower bit
+              for it in make_items(N_SINGLE, seed=role_seed(args.seed, "pretrain_heldout/single"),
+                                   families=["image_quadrant"], n_objects=(1, 1))]
     t0 = time.time()
 
     def after_step(done: int) -> None:
@@ -98,4 +104,5 @@ if __name__ == "__main__":
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", nargs="*", default=[], help="PretrainSettings overrides, e.g. fixed_order=0.3")
     main(ap.parse_args())

@@ -26,7 +26,6 @@ from spatialstudy import runs
 from spatialstudy.models import TINY_PIXELS, TINY_SPECS, build_tiny, count_params, make_processor, spec_summary
 
 LETTERS = "ABCD"
-HELDOUT_SEED = 10_007      # held-out measurement items: a seed no training pool uses
 BLANK_RGB = (128, 128, 128)  # the blind control's image: uniform grey, same size
 CKPT_EVERY = 100           # steps between resumable checkpoints of a run in progress
 POOL_COLOUR_FREE = 0.5     # share of pretraining questions naming objects by shape/size only, as in the benchmark
@@ -52,6 +51,11 @@ class PretrainSettings:
     eval_items: int = 0      # held-out items (all partitions) measured after training; 0 skips
     single_object: float = 0.0   # share of pool scenes holding one object, asked where it is: the easy rung that
                                  # needs no word-to-object binding, so position is learnt before the 2-4 object items
+    fixed_order: float = 0.0     # first share of the steps: options in one fixed (sorted) order, so the image -> letter
+                                 # mapping is learnt before reading shuffled options (the benchmark shuffles them)
+    fewer_options: float = 0.0   # share of questions shown with 2 or 3 of their options (the benchmark has such
+                                 # items; a base that only saw four would answer C or D to a two-option question)
+    say_option: float = 0.0      # share of answers that state the chosen option's text before "Answer: X"
 
 
 TIERS = {
@@ -124,12 +128,14 @@ def training_pool(s: PretrainSettings, seed: int) -> list[list]:
 @functools.lru_cache(maxsize=2)
 def _pool(n_scenes: int, per_scene: int, seed: int, single_object: float = 0.0) -> list[list]:
     """Rendered once per process: the student and the teacher of a tier share it."""
+    from spatialstudy.data.streams import role_seed
+
     data, _ = _data()
     n_single = round(n_scenes * single_object)
-    multi = data.make_items((n_scenes - n_single) * per_scene, seed=seed, partition="base", per_scene=per_scene,
-                            colour_free_p=POOL_COLOUR_FREE)
-    single = data.make_items(n_single, seed=seed + 1, families=["image_quadrant"], n_objects=(1, 1),
-                             colour_free_p=POOL_COLOUR_FREE)
+    multi = data.make_items((n_scenes - n_single) * per_scene, seed=role_seed(seed, "pretrain_pool"),
+                            partition="base", per_scene=per_scene, colour_free_p=POOL_COLOUR_FREE)
+    single = data.make_items(n_single, seed=role_seed(seed, "pretrain_single"), families=["image_quadrant"],
+                             n_objects=(1, 1), colour_free_p=POOL_COLOUR_FREE)
     return _by_scene(multi) + _by_scene(single)   # grouped apart: both lists number their scenes from 0
 
 
@@ -140,11 +146,25 @@ def _by_scene(items: list) -> list[list]:
     return list(groups.values())
 
 
-def target(item, style: str) -> str:
-    """The assistant answer: the bare letter for the direct prompt, "Answer: X" for manual-CoT + RE (the base
-    families list their options in a fixed order, so the letter is learnt straight from the image)."""
+def target(item, style: str, say_option: bool = False) -> str:
+    """The assistant answer: the bare letter for the direct prompt, "Answer: X" for manual-CoT + RE, optionally
+    after the chosen option's text (a one-line reason: the letter is then looked up next to text just written)."""
     letter = LETTERS[item.answer]
-    return letter if style == "direct" else f"Answer: {letter}"
+    if style == "direct":
+        return letter
+    return f"{item.options[item.answer].capitalize()}.\nAnswer: {letter}" if say_option else f"Answer: {letter}"
+
+
+def view(item, rng: random.Random, fixed: bool, fewer: float):
+    """The item as shown in training: options sorted into one fixed order (`fixed`), and with probability `fewer`
+    only 2 or 3 of them (the correct one kept); answer index remapped."""
+    opts = sorted(item.options) if fixed else list(item.options)
+    right = item.options[item.answer]
+    if rng.random() < fewer:
+        wrong = [o for o in opts if o != right]
+        keep = set(rng.sample(wrong, rng.randint(1, 2))) | {right}
+        opts = [o for o in opts if o in keep]
+    return dataclasses.replace(item, options=opts, answer=opts.index(right))
 
 
 def _turn(item, style: str, with_image: bool, prompts, bare: bool = False) -> dict:
@@ -156,25 +176,29 @@ def _turn(item, style: str, with_image: bool, prompts, bare: bool = False) -> di
     return {"role": "user", "content": content}
 
 
-def _answer(item, style: str) -> dict:
-    return {"role": "assistant", "content": [{"type": "text", "text": target(item, style)}]}
+def _answer(item, style: str, say_option: bool = False) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": target(item, style, say_option)}]}
 
 
-def episode(pool: list[list], rng: random.Random, s: PretrainSettings, few_shot: bool) -> tuple[list[dict], list]:
+def episode(pool: list[list], rng: random.Random, s: PretrainSettings, few_shot: bool,
+            fixed: bool = False) -> tuple[list[dict], list]:
     """One training sequence: a scene's questions as consecutive turns, or a few-shot episode; (messages, images)."""
     _, prompts = _data()
     style = lambda: "direct" if rng.random() < s.direct_fraction else "manual_cot"  # noqa: E731
+    shown = lambda it: view(it, rng, fixed, s.fewer_options)  # noqa: E731
+    say = rng.random() < s.say_option
     if few_shot:  # demos from other scenes (each with its image), then the query
-        items = [rng.choice(g) for g in rng.sample(pool, min(len(pool), rng.randint(0, s.max_shots) + 1))]
+        items = [shown(rng.choice(g)) for g in rng.sample(pool, min(len(pool), rng.randint(0, s.max_shots) + 1))]
         st, bare = style(), rng.random() < s.bare_demo_fraction
         msgs = [m for k, it in enumerate(items)
-                for m in (_turn(it, st, True, prompts, bare and k < len(items) - 1), _answer(it, st))]
+                for m in (_turn(it, st, True, prompts, bare and k < len(items) - 1), _answer(it, st, say))]
     else:  # several questions on one image: more supervision per forward pass of the vision tower
-        items = rng.sample(g := rng.choice(pool), len(g))
+        g = rng.choice(pool)
+        items = [shown(it) for it in rng.sample(g, len(g))]
         msgs = []
         for i, it in enumerate(items):
             st = style()
-            msgs += [_turn(it, st, i == 0, prompts), _answer(it, st)]
+            msgs += [_turn(it, st, i == 0, prompts), _answer(it, st, say)]
     return msgs, [m["content"][0]["image"] for m in msgs if m["role"] == "user" and m["content"][0]["type"] == "image"]
 
 
@@ -249,7 +273,8 @@ def train(model, processor, pool, s: PretrainSettings, seed: int, work: Path, de
     for step in bar:
         rng = random.Random(seed * 1_000_003 + step)  # per-step stream: a resumed run sees the same batches
         few_shot = rng.random() < s.icl_fraction  # whole batches: one long episode would pad all 32 rows (4x cost)
-        batch = collate([episode(pool, rng, s, few_shot) for _ in range(s.batch_size)], processor)
+        fixed = step < s.fixed_order * s.steps
+        batch = collate([episode(pool, rng, s, few_shot, fixed) for _ in range(s.batch_size)], processor)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, s)
         loss = model(**batch).loss
@@ -297,11 +322,13 @@ def pretrain_base(name: str, tier: str = "smoke", seed: int = 0, settings: Pretr
 
 
 # ---------------------------------------------------------------- measurement (the eval helper owns the harness)
-def heldout_items(n: int, seed: int = HELDOUT_SEED) -> list:
-    """Held-out procedural OmniSpatial-format items in the benchmark's partition shares (half base families)."""
+def heldout_items(n: int, seed: int = 0) -> list:
+    """Held-out procedural OmniSpatial-format items in the benchmark's partition shares (half base families), from
+    their own stream (never the pool's, the SpaceThinker sets' or the benchmark's)."""
     from spatialstudy.data.writers import benchmark_items
 
-    return benchmark_items(n, seed, image_size=int(TINY_PIXELS ** 0.5), palette="distinct", per_scene=1)
+    return benchmark_items(n, seed, image_size=int(TINY_PIXELS ** 0.5), palette="distinct", per_scene=1,
+                           role="pretrain_heldout")
 
 
 def letter_ids(tokenizer, style: str) -> list[int]:

@@ -7,13 +7,15 @@ question and return None when the answer's margin is too small to be unambiguous
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from spatialstudy.data.scenes import Geometry, Obj, PALETTE
+from spatialstudy.data.scenes import Geometry, Obj, sample_scene
+from spatialstudy.data.streams import role_seed
 
 PARTITIONS = ("base", "sft", "test_only")
 CANT = "can not determine"                    # OmniSpatial's own wording for the refusal option
@@ -24,17 +26,16 @@ DEPTH_MARGIN = 0.6         # m, difference in ground depth (z) for in front / be
 IMAGE_MARGIN = 0.08        # fraction of image width between mask centres for left / right
 HEIGHT_MARGIN = 0.2        # m, centroid heights for above / below
 SIZE_RATIO = 1.3           # taller / wider
-VOLUME_RATIO = 1.5         # largest
 QUADRANT_MARGIN = 0.06     # mask centre this far from the image's centre lines
 LATERAL_MARGIN = 0.5       # m, world x difference (view from the other side)
 DOMINANCE = 1.5            # perspective taking: dominant axis at least this times the other one
 MIN_OFFSET = 0.5           # m, and at least this long
 NEAREST_MARGIN = 0.4       # m, nearest-to / farthest-pair margins
 TIME_RATIO = 1.25          # arrival times differ at least by this factor
-LADDER = (0.5, 1.0, 1.5, 2.5)   # numeric options: the truth sits on a random rung, the others scale with it
+OPTION_RATIO = 1.25        # numeric options differ from each other by at least this factor
+PRIOR_SCENES = 300         # scenes of the prior bank that numeric distractors are drawn from
 SPEEDS = (1, 2, 4)         # m/s for the motion families
 PUSH = (1.5, 2.0, 3.0)     # m, manipulation displacement
-ABSENT_SHAPES = ("cone", "pyramid", "torus", "capsule")   # never in a scene: exact padding for which-object options
 QUADRANTS = ("upper left", "upper right", "lower left", "lower right")
 DIRECTIONS = ("left", "right", "front", "behind")
 
@@ -58,16 +59,30 @@ def _decimals(unit: str) -> int:
     return 0 if unit in ("centimeters", "inches") else 1
 
 
-def ladder_options(value: float, unit: str, rng, factor: float = 1.0) -> tuple[list[str], float]:
-    """4 distinct numeric options, the correct first: value on a random rung of LADDER, distractors scaled."""
-    k = int(rng.integers(len(LADDER)))
-    vals = [value * factor * r / LADDER[k] for r in LADDER]
-    order = [k] + [j for j in range(len(LADDER)) if j != k]
+def _bucket(x: float) -> bool:
+    """The unit choice depends on the value (cm / inches below 1 m): distractors must come from the same side."""
+    return x < 1
+
+
+def prior_options(value: float, prior: np.ndarray, unit: str, rng, factor: float = 1.0,
+                  seconds: bool = False) -> tuple[list[str], float] | None:
+    """4 numeric options, the correct first, the 3 distractors drawn from `prior` (the same quantity measured on
+    other scenes) in the value's unit range, all OPTION_RATIO apart: no magnitude prior can tell the truth from
+    them (scaling distractors around the truth let a size prior pick the rung). None if the prior cannot fit."""
+    same = prior if seconds else prior[np.array([_bucket(x) for x in prior]) == _bucket(value)]
+    vals = [value]
+    for x in same[rng.permutation(len(same))]:
+        if all(max(x, v) >= OPTION_RATIO * min(x, v) for v in vals):
+            vals.append(float(x))
+            if len(vals) == 4:
+                break
+    if len(vals) < 4:
+        return None
     for dec in range(_decimals(unit), 4):          # more decimals until all four strings differ
-        opts = [f"{fmt_number(vals[j], dec)} {unit}" for j in order]
+        opts = [f"{fmt_number(v * factor, dec)} {unit}" for v in vals]
         if len(set(opts)) == 4:
-            return opts, float(fmt_number(vals[k], dec))
-    raise ValueError(f"cannot make distinct options for {value} {unit}")
+            return opts, float(fmt_number(value * factor, dec))
+    return None
 
 
 def free_number(shown: float, unit: str, rng) -> str:
@@ -95,8 +110,8 @@ def gt_quadrant(g: Geometry, a: int) -> str:
     return f"{'upper' if v < 0.5 else 'lower'} {'left' if u < 0.5 else 'right'}"
 
 
-def gt_largest(g: Geometry) -> int:
-    return int(np.argmax(g.volume))
+def gt_tallest(g: Geometry) -> int:
+    return int(np.argmax(g.size[:, 1]))
 
 
 def gt_closer(g: Geometry, a: int, b: int) -> int:
@@ -229,7 +244,6 @@ class QA:
     roles: tuple = ()          # the ground-truth function's arguments: FAMILIES[f].truth(geometry, *roles) == value
     value: object = None
     kind: str = ""
-    order: list | None = None  # a fixed display order of the options (closed-answer families), else shuffled
 
 
 @dataclass
@@ -252,21 +266,11 @@ class Ctx:
     def pick(self, n: int) -> tuple[int, ...] | None:
         return tuple(int(i) for i in self.rng.permutation(self.g.k)[:n]) if self.g.k >= n else None
 
-    def pads(self) -> list[str]:
-        """Names of objects that are not in the scene (exact wrong options for which-object questions)."""
-        present = {self.name(i) for i in range(self.g.k)}
-        if self.colour_free:
-            cands = [f"the {s}" for s in ABSENT_SHAPES]
-        else:
-            cands = [f"the {c} {s}" for c in PALETTE for s in ("cube", "sphere", "cylinder")
-                     if f"{c} {s}" not in present]
-        return [cands[i] for i in self.rng.permutation(len(cands))]
-
     def object_options(self, correct: int, among: list[int]) -> list[str]:
-        """Correct object first, then the other candidates, then padding up to 4."""
+        """Correct object first, then the other candidates (2-4 options): only objects that could be the answer,
+        since padding (absent shapes, "can not determine") was never correct and a text-only guess skipped it."""
         others = [self.the(i) for i in among if i != correct]
-        opts = [self.the(correct)] + [others[i] for i in self.rng.permutation(len(others))][:3]
-        return (opts + [CANT] + self.pads())[:4]
+        return [self.the(correct)] + [others[i] for i in self.rng.permutation(len(others))][:3]
 
     def choice(self, seq):
         return seq[int(self.rng.integers(len(seq)))]
@@ -283,15 +287,9 @@ def _second_gap(vals, best) -> float:
 
 # Each builder returns a QA or None (margin not met / not enough objects).
 
-def _size_named(c: Ctx) -> bool:
-    """Colour-free names use size words for same-shape objects; near objects are more often the small one (big ones
-    close to the camera rarely fit the frame), so "small" would give the answer away to a blind guess."""
-    return c.colour_free and any(ob.size_word for ob in c.objs)
-
-
 def b_nearest_object(c: Ctx):
     i = gt_nearest(c.g)
-    if c.g.k < 2 or _second_gap(c.g.dist, i) < DIST_MARGIN or _size_named(c):
+    if c.g.k < 2 or _second_gap(c.g.dist, i) < DIST_MARGIN:
         return None
     ds = ", ".join(f"{c.the(j)} {m(c.g.dist[j])}" for j in range(c.g.k))
     return QA("Which object is nearest to the camera?", c.object_options(i, list(range(c.g.k))),
@@ -301,7 +299,7 @@ def b_nearest_object(c: Ctx):
 
 def b_farthest_object(c: Ctx):
     i = gt_farthest(c.g)
-    if c.g.k < 2 or _second_gap(c.g.dist, i) < DIST_MARGIN or _size_named(c):
+    if c.g.k < 2 or _second_gap(c.g.dist, i) < DIST_MARGIN:
         return None
     ds = ", ".join(f"{c.the(j)} {m(c.g.dist[j])}" for j in range(c.g.k))
     return QA("Which object is farthest from the camera?", c.object_options(i, list(range(c.g.k))),
@@ -321,18 +319,19 @@ def b_image_quadrant(c: Ctx):
     u, v = c.g.uv[a]
     return QA(f"In which part of the image is {c.the(a)}?", [q] + [x for x in QUADRANTS if x != q],
               f"I locate {c.the(a)} at {u:.0%} of the width and {v:.0%} of the height, so it is in the {q}.",
-              f"The {c.name(a)} is in the {q} of the image.", (a,), q, "choice", list(QUADRANTS))
+              f"The {c.name(a)} is in the {q} of the image.", (a,), q, "choice")
 
 
-def b_largest_object(c: Ctx):
-    i = gt_largest(c.g)
-    vol = c.g.volume
-    if c.g.k < 2 or np.sort(vol)[-2] * VOLUME_RATIO > vol[i]:
+def b_tallest_object(c: Ctx):
+    # "largest" by volume favoured cubes (a sphere fills pi/6 of its box): the shape word gave it away
+    i = gt_tallest(c.g)
+    h = c.g.size[:, 1]
+    if c.g.k < 2 or np.sort(h)[-2] * SIZE_RATIO > h[i]:
         return None
-    vs = ", ".join(f"{c.the(j)} {vol[j]:.2f} m³" for j in range(c.g.k))
-    return QA("Which object is the largest?", c.object_options(i, list(range(c.g.k))),
-              f"I compare the sizes of the objects' bounding boxes: {vs}. The largest is {c.the(i)}.",
-              f"The {c.name(i)} is the largest.", (), i, "object")
+    hs = ", ".join(f"{c.the(j)} {m(h[j])}" for j in range(c.g.k))
+    return QA("Which object is the tallest?", c.object_options(i, list(range(c.g.k))),
+              f"I compare the heights of the objects above the ground: {hs}. The tallest is {c.the(i)}.",
+              f"The {c.name(i)} is the tallest.", (), i, "object")
 
 
 def _pair(c: Ctx, margin_ok: Callable[[int, int], bool]):
@@ -346,8 +345,7 @@ def b_closer_pair(c: Ctx):
         return None
     a, b = r
     w = gt_closer(c.g, a, b)
-    return QA(f"Which is closer to the camera, {c.the(a)} or {c.the(b)}?",
-              [c.the(w), c.the(b if w == a else a), "they are equally close", CANT],
+    return QA(f"Which is closer to the camera, {c.the(a)} or {c.the(b)}?", [c.the(w), c.the(b if w == a else a)],
               f"{c.the(a).capitalize()} is {m(c.g.dist[a])} away and {c.the(b)} is {m(c.g.dist[b])} away, "
               f"so {c.the(w)} is closer.", f"The {c.name(w)} is closer to the camera.", r, w, "which")
 
@@ -391,20 +389,39 @@ def b_relative_direction(c: Ctx):
               [rel] + [t for t in RELATION_TEXT.values() if t != rel],
               f"From the point cloud, {c.the(a)} is {m(abs(dx))} to the {'left' if dx < 0 else 'right'} and "
               f"{m(abs(dz))} {'nearer' if dz < 0 else 'farther'} than {c.the(b)}; the larger offset decides: {rel}.",
-              f"The {c.name(a)} is {rel} the {c.name(b)}.", (a, b), want, "choice", list(RELATION_TEXT.values()))
+              f"The {c.name(a)} is {rel} the {c.name(b)}.", (a, b), want, "choice")
 
 
-def _numeric(c: Ctx, value: float, question: str, reasoning: str, sentence: str, roles, seconds=False):
+@functools.lru_cache(maxsize=None)
+def _bank() -> tuple[Geometry, ...]:
+    """Geometries of PRIOR_SCENES scenes from their own stream, rendered once per process (~3 s)."""
+    rng = np.random.default_rng(role_seed(0, "prior_bank"))
+    return tuple(sample_scene(rng).geom for _ in range(PRIOR_SCENES))
+
+
+@functools.lru_cache(maxsize=None)
+def prior(truth: Callable, n_roles: int, *extra) -> np.ndarray:
+    """`truth(g, *roles, *extra)` over every ordered role tuple of every bank scene: the quantity's prior."""
+    return np.array([truth(g, *r, *extra) for g in _bank()
+                     for r in itertools.permutations(range(g.k), n_roles)])
+
+
+def _numeric(c: Ctx, value: float, question: str, reasoning: str, sentence: str, roles, truth, extra=(),
+             seconds=False):
+    """A 4-option metric question; `roles` are object indices, `extra` the truth's other arguments (a speed)."""
     if seconds:
         unit, factor = "seconds", 1.0
     else:
         unit = pick_unit(value, c.rng)
         factor = UNIT_FACTORS[unit]
-    opts, shown = ladder_options(value, unit, c.rng, factor)
+    built = prior_options(value, prior(truth, len(roles), *extra), unit, c.rng, factor, seconds)
+    if built is None:
+        return None
+    opts, shown = built
     free = free_number(shown, unit, c.rng)
     if c.rng.random() < 0.3:                        # VQASynth also answers in full sentences
         free = sentence.format(x=free)
-    return QA(question, opts, reasoning, free, roles, value, "number")
+    return QA(question, opts, reasoning, free, tuple(roles) + tuple(extra), value, "number")
 
 
 def b_distance_between(c: Ctx):
@@ -413,7 +430,7 @@ def b_distance_between(c: Ctx):
     q = c.choice(["What is the distance between {A} and {B}?", "How far apart are {A} and {B}?",
                   "How close is {A} from {B}?"]).format(A=c.the(a), B=c.the(b))
     return _numeric(c, d, q, f"I place {c.the(a)} and {c.the(b)} in 3D from the depth; their centres are "
-                    f"{m(d)} apart.", f"The {c.name(a)} is {{x}} away from the {c.name(b)}.", (a, b))
+                    f"{m(d)} apart.", f"The {c.name(a)} is {{x}} away from the {c.name(b)}.", (a, b), gt_distance)
 
 
 def b_distance_to_camera(c: Ctx):
@@ -421,7 +438,7 @@ def b_distance_to_camera(c: Ctx):
     d = gt_cam_distance(c.g, a)
     return _numeric(c, d, f"How far is {c.the(a)} from the camera?",
                     f"From the depth of its pixels, {c.the(a)} is {m(d)} from the camera.",
-                    f"The {c.name(a)} is {{x}} from the camera.", (a,))
+                    f"The {c.name(a)} is {{x}} from the camera.", (a,), gt_cam_distance)
 
 
 def b_width_of(c: Ctx):
@@ -429,7 +446,7 @@ def b_width_of(c: Ctx):
     w = gt_width(c.g, a)
     return _numeric(c, w, c.choice(["How wide is {A}?", "What is the width of {A}?"]).format(A=c.the(a)),
                     f"The points of {c.the(a)} span {m(w)} from left to right.",
-                    f"The {c.name(a)} is {{x}} wide.", (a,))
+                    f"The {c.name(a)} is {{x}} wide.", (a,), gt_width)
 
 
 def b_height_of(c: Ctx):
@@ -437,66 +454,84 @@ def b_height_of(c: Ctx):
     h = gt_height(c.g, a)
     return _numeric(c, h, c.choice(["How tall is {A}?", "What is the height of {A}?"]).format(A=c.the(a)),
                     f"The top of {c.the(a)} is {m(h)} above the ground it stands on.",
-                    f"The {c.name(a)} is {{x}} tall.", (a,))
+                    f"The {c.name(a)} is {{x}} tall.", (a,), gt_height)
 
 
-def _yesno(c: Ctx, a, b, truth: bool, pred: str, same: str, question: str, why: str):
-    """Options: the yes sentence, the no sentence, an equality statement and 'can not determine' (same set either
-    way, so the option texts do not reveal the answer)."""
+def _ordered(c: Ctx, margin_ok: Callable[[int, int], bool], truth: Callable[[int, int], bool]):
+    """A pair (a, b) whose predicate answer is the scheduled one (c.target): yes and no come equally often, and the
+    order of the names decides it, so neither the answer prior nor the names tell a blind guess anything."""
+    r = _pair(c, margin_ok)
+    if not r:
+        return None
+    a, b = r
+    want = True if c.target is None else c.target
+    return (a, b) if truth(a, b) == want else (b, a)
+
+
+def _yesno(c: Ctx, a, b, truth: bool, pred: str, question: str, why: str):
+    """Options: the yes and the no sentence (an equality statement or "can not determine" was never correct)."""
     yes = f"Yes, {c.the(a)} is {pred} {c.the(b)}."
     no = f"No, {c.the(a)} is not {pred} {c.the(b)}."
     right, wrong = (yes, no) if truth else (no, yes)
-    return QA(question, [right, wrong, same, CANT], why, right, (a, b), truth, "yesno")
+    return QA(question, [right, wrong], why, right, (a, b), truth, "yesno")
+
+
+def _wider(c: Ctx, axis: int):
+    """Margin test: one object at least SIZE_RATIO times the other along `axis` (0 width, 1 height)."""
+    return lambda a, b: max(c.g.size[a, axis], c.g.size[b, axis]) >= SIZE_RATIO * min(c.g.size[a, axis],
+                                                                                      c.g.size[b, axis])
 
 
 def b_is_left(c: Ctx):
-    r = _pair(c, lambda a, b: _side_ok(c, a, b))
+    r = _ordered(c, lambda a, b: _side_ok(c, a, b), lambda a, b: gt_is_left(c.g, a, b))
     if not r:
         return None
     a, b = r
     t = gt_is_left(c.g, a, b)
-    return _yesno(c, a, b, t, "to the left of", "They are at the same horizontal position.",
+    return _yesno(c, a, b, t, "to the left of",
                   f"Is {c.the(a)} to the left of {c.the(b)} from the viewer's perspective?",
                   f"{c.the(a).capitalize()} appears at {c.g.uv[a, 0]:.0%} of the image width, {c.the(b)} at "
                   f"{c.g.uv[b, 0]:.0%}, so it is {'' if t else 'not '}to the left.")
 
 
 def b_is_above(c: Ctx):
-    r = _pair(c, lambda a, b: abs(c.g.centroid[a, 1] - c.g.centroid[b, 1]) >= HEIGHT_MARGIN)
+    r = _ordered(c, lambda a, b: abs(c.g.centroid[a, 1] - c.g.centroid[b, 1]) >= HEIGHT_MARGIN,
+                 lambda a, b: gt_is_above(c.g, a, b))
     if not r:
         return None
     a, b = r
     t = gt_is_above(c.g, a, b)
-    return _yesno(c, a, b, t, "above", "They are at the same height.", f"Is {c.the(a)} above {c.the(b)}?",
+    return _yesno(c, a, b, t, "above", f"Is {c.the(a)} above {c.the(b)}?",
                   f"The centre of {c.the(a)} is {m(c.g.centroid[a, 1])} above the ground, that of {c.the(b)} "
                   f"{m(c.g.centroid[b, 1])}, so it is {'' if t else 'not '}higher.")
 
 
 def b_is_behind(c: Ctx):
-    r = _pair(c, lambda a, b: abs(c.g.centroid[a, 2] - c.g.centroid[b, 2]) >= DEPTH_MARGIN)
+    r = _ordered(c, lambda a, b: abs(c.g.centroid[a, 2] - c.g.centroid[b, 2]) >= DEPTH_MARGIN,
+                 lambda a, b: gt_is_behind(c.g, a, b))
     if not r:
         return None
     a, b = r
     t = gt_is_behind(c.g, a, b)
-    return _yesno(c, a, b, t, "behind", "They are at the same depth.", f"Is {c.the(a)} behind {c.the(b)}?",
+    return _yesno(c, a, b, t, "behind", f"Is {c.the(a)} behind {c.the(b)}?",
                   f"{c.the(a).capitalize()} is {m(c.g.centroid[a, 2])} deep into the scene and {c.the(b)} "
                   f"{m(c.g.centroid[b, 2])}, so it is {'' if t else 'not '}behind it.")
 
 
 def b_is_wider(c: Ctx):
-    r = _pair(c, lambda a, b: max(c.g.size[a, 0], c.g.size[b, 0]) >= SIZE_RATIO * min(c.g.size[a, 0],
-                                                                                        c.g.size[b, 0]))
+    r = _ordered(c, _wider(c, 0), lambda a, b: gt_is_wider(c.g, a, b))
     if not r:
         return None
     a, b = r
     t = gt_is_wider(c.g, a, b)
-    return _yesno(c, a, b, t, "wider than", "They are equally wide.", f"Is {c.the(a)} wider than {c.the(b)}?",
+    return _yesno(c, a, b, t, "wider than", f"Is {c.the(a)} wider than {c.the(b)}?",
                   f"{c.the(a).capitalize()} is {m(c.g.size[a, 0])} wide and {c.the(b)} {m(c.g.size[b, 0])}, "
                   f"so it is {'' if t else 'not '}wider.")
 
 
-def _which(c: Ctx, a, b, w, pred: str, same: str, question: str, why: str):
-    opts = [f"The {c.name(w)} is {pred}.", f"The {c.name(b if w == a else a)} is {pred}.", same, CANT]
+def _which(c: Ctx, a, b, w, pred: str, question: str, why: str):
+    """Two options, one per named object ("both equally" / "can not determine" were never correct)."""
+    opts = [f"The {c.name(w)} is {pred}.", f"The {c.name(b if w == a else a)} is {pred}."]
     return QA(question, opts, why, opts[0], (a, b), w, "which")
 
 
@@ -506,20 +541,18 @@ def b_which_left(c: Ctx):
         return None
     a, b = r
     w = gt_which_left(c.g, a, b)
-    return _which(c, a, b, w, "more to the left", "Both are equally far to the left.",
-                  f"Which is more to the left, {c.the(a)} or {c.the(b)}?",
+    return _which(c, a, b, w, "more to the left", f"Which is more to the left, {c.the(a)} or {c.the(b)}?",
                   f"{c.the(a).capitalize()} is at {c.g.uv[a, 0]:.0%} of the image width and {c.the(b)} at "
                   f"{c.g.uv[b, 0]:.0%}; {c.the(w)} is further left.")
 
 
 def b_which_taller(c: Ctx):
-    r = _pair(c, lambda a, b: max(c.g.size[a, 1], c.g.size[b, 1]) >= SIZE_RATIO * min(c.g.size[a, 1],
-                                                                                       c.g.size[b, 1]))
+    r = _pair(c, _wider(c, 1))
     if not r:
         return None
     a, b = r
     w = gt_which_taller(c.g, a, b)
-    return _which(c, a, b, w, "taller", "Both are equally tall.", f"Which is taller, {c.the(a)} or {c.the(b)}?",
+    return _which(c, a, b, w, "taller", f"Which is taller, {c.the(a)} or {c.the(b)}?",
                   f"{c.the(a).capitalize()} is {m(c.g.size[a, 1])} tall and {c.the(b)} {m(c.g.size[b, 1])}; "
                   f"{c.the(w)} is taller.")
 
@@ -532,39 +565,52 @@ def _direction_ok(origin, facing, target) -> bool:
 DIR_TEXT = {"left": "on the left", "right": "on the right", "front": "in front", "behind": "behind"}
 
 
+def _scheduled(c: Ctx, n: int, ok: Callable, truth: Callable):
+    """Random role tuple (n distinct objects) that passes `ok` and whose answer is the scheduled c.target: every
+    direction is correct equally often (left/right were far more common than clear front/behind)."""
+    tuples = [r for r in itertools.permutations(range(c.g.k), n) if ok(*r)
+              and (c.target is None or truth(*r) == c.target)]
+    return c.choice(tuples) if tuples else None
+
+
+def _direction_options(d: str) -> list[str]:
+    return [DIR_TEXT[d]] + [DIR_TEXT[x] for x in DIRECTIONS if x != d]
+
+
 def b_facing_camera_side(c: Ctx):
-    r = _pair(c, lambda a, b: _direction_ok(c.g.centroid[a], c.g.cam, c.g.centroid[b]))
+    r = _scheduled(c, 2, lambda a, b: _direction_ok(c.g.centroid[a], c.g.cam, c.g.centroid[b]),
+                   lambda a, b: gt_facing_camera(c.g, a, b))
     if not r:
         return None
     a, b = r
     d = gt_facing_camera(c.g, a, b)
-    opts = [DIR_TEXT[d]] + [DIR_TEXT[x] for x in DIRECTIONS if x != d]
     return QA(f"Imagine you stand at {c.the(a)} and face the camera. Where is {c.the(b)} from your point of view: "
-              "on the left, on the right, in front, or behind?", opts,
+              "on the left, on the right, in front, or behind?", _direction_options(d),
               f"Facing the camera turns my left and right around. From {c.the(a)}, {c.the(b)} lies mostly "
               f"{DIR_TEXT[d]} of me.", f"The {c.name(b)} is {DIR_TEXT[d]}.", r, d, "choice")
 
 
 def b_facing_object_side(c: Ctx):
-    r = c.pick(3)
-    if not r or not _direction_ok(*(c.g.centroid[i] for i in r)):
+    r = _scheduled(c, 3, lambda *r: _direction_ok(*(c.g.centroid[i] for i in r)),
+                   lambda *r: gt_facing_object(c.g, *r))
+    if not r:
         return None
     a, b, t = r
     d = gt_facing_object(c.g, a, b, t)
-    opts = [DIR_TEXT[d]] + [DIR_TEXT[x] for x in DIRECTIONS if x != d]
     return QA(f"From the viewpoint of {c.the(a)} facing {c.the(b)}, where is {c.the(t)}: on the left, on the "
-              "right, in front, or behind?", opts,
+              "right, in front, or behind?", _direction_options(d),
               f"I put myself at {c.the(a)} looking towards {c.the(b)}; relative to that heading {c.the(t)} lies "
               f"{DIR_TEXT[d]}.", f"The {c.name(t)} is {DIR_TEXT[d]}.", r, d, "choice")
 
 
 def b_view_from_behind(c: Ctx):
-    r = _pair(c, lambda a, b: abs(c.g.centroid[a, 0] - c.g.centroid[b, 0]) >= LATERAL_MARGIN)
+    r = _scheduled(c, 2, lambda a, b: abs(c.g.centroid[a, 0] - c.g.centroid[b, 0]) >= LATERAL_MARGIN,
+                   lambda a, b: gt_view_from_behind(c.g, a, b))
     if not r:
         return None
     a, b = r
     s = gt_view_from_behind(c.g, a, b)
-    opts = [f"to the {s}", f"to the {'right' if s == 'left' else 'left'}", "at the same place", CANT]
+    opts = [f"to the {s}", f"to the {'right' if s == 'left' else 'left'}"]
     return QA(f"If you walked around the scene and looked back towards the camera from the far side, would "
               f"{c.the(a)} appear to the left or to the right of {c.the(b)}?", opts,
               f"From the camera {c.the(a)} is to the {'left' if s == 'right' else 'right'} of {c.the(b)}; "
@@ -578,7 +624,8 @@ def b_motion_time(c: Ctx):
     t = gt_motion_time(c.g, a, v)
     return _numeric(c, t, f"If {c.the(a)} moves straight toward the camera at {v} m/s, how long until it reaches "
                     "the camera?", f"{c.the(a).capitalize()} is {m(c.g.ground_dist[a])} away along the ground; at "
-                    f"{v} m/s that takes {t:.1f} seconds.", "It takes {x}.", (a, v), seconds=True)
+                    f"{v} m/s that takes {t:.1f} seconds.", "It takes {x}.", (a,), gt_motion_time, (v,),
+                    seconds=True)
 
 
 def b_push_nearest(c: Ctx):
@@ -599,14 +646,18 @@ def b_push_nearest(c: Ctx):
 
 
 def b_arrive_first(c: Ctx):
+    # Which one arrives first is scheduled as "faster" / "slower" (c.target): otherwise the faster speed in the
+    # question told a blind guess the answer most of the time.
     a, b = c.pick(2)
     va, vb = c.choice(SPEEDS), c.choice(SPEEDS)
     ta, tb = c.g.ground_dist[a] / va, c.g.ground_dist[b] / vb
-    if max(ta, tb) < TIME_RATIO * min(ta, tb):
+    if max(ta, tb) < TIME_RATIO * min(ta, tb) or va == vb:
         return None
     w = gt_arrive_first(c.g, a, b, va, vb)
+    if c.target is not None and (w == (a if va > vb else b)) != (c.target == "faster"):
+        return None
     return QA(f"{c.the(a).capitalize()} moves toward the camera at {va} m/s and {c.the(b)} at {vb} m/s. Which "
-              "reaches the camera first?", [c.the(w), c.the(b if w == a else a), "they arrive together", CANT],
+              "reaches the camera first?", [c.the(w), c.the(b if w == a else a)],
               f"{c.the(a).capitalize()} needs {ta:.1f} s and {c.the(b)} needs {tb:.1f} s, so {c.the(w)} is first.",
               f"The {c.name(w)} reaches the camera first.", (a, b, va, vb), w, "which")
 
@@ -630,7 +681,7 @@ def b_route_length(c: Ctx):
     return _numeric(c, L, f"You walk from the camera to {c.the(a)} and then on to {c.the(b)}. About how far do you "
                     "walk?", f"From the camera to {c.the(a)} is {m(c.g.ground_dist[a])} along the ground, and from "
                     f"there to {c.the(b)} is {m(L - c.g.ground_dist[a])}; together {m(L)}.",
-                    "You walk {x}.", (a, b))
+                    "You walk {x}.", (a, b), gt_route_length)
 
 
 def _order_text(c: Ctx, order) -> str:
@@ -663,7 +714,7 @@ def b_farthest_pair(c: Ctx):
     txt = lambda p: f"{c.the(p[0])} and {c.the(p[1])}"
     others = [p for p in pairs if p != best]
     opts = [txt(best)] + [txt(others[i]) for i in c.rng.permutation(len(others))[:3]]
-    return QA("Which two objects are farthest apart?", (opts + [CANT])[:4],
+    return QA("Which two objects are farthest apart?", opts,
               f"Comparing the distances between every pair, {txt(best)} are {m(ds[-1])} apart, the most.",
               f"The {c.name(best[0])} and the {c.name(best[1])} are farthest apart.", (), best, "object")
 
@@ -680,10 +731,11 @@ class Family:
     truth: Callable = field(repr=False)
     min_objects: int = 2
     answers: tuple = ()        # closed answer set: the generator schedules the answer so each is equally common
+    size_words: bool = False   # may name objects "the large cube": only where size cannot hint at the answer
 
 
-def _fam(name, partition, task, sub, build, truth, min_objects=2, answers=()):
-    return name, Family(name, partition, task, sub, build, truth, min_objects, answers)
+def _fam(name, partition, task, sub, build, truth, min_objects=2, answers=(), size_words=False):
+    return name, Family(name, partition, task, sub, build, truth, min_objects, answers, size_words)
 
 
 EGO, ALLO, HYPO = ("Perspective_Taking", "Egocentric"), ("Perspective_Taking", "Allocentric"), \
@@ -693,35 +745,40 @@ LOC, TRAFFIC, GEO = ("Spatial_Interaction", "Localization"), ("Spatial_Interacti
 GEOM, PATTERN = ("Complex_Logic", "Geometric_Reasoning"), ("Complex_Logic", "Pattern_Recognition")
 MANIP, MOTION = ("Dynamic_Reasoning", "Manipulation"), ("Dynamic_Reasoning", "Motion_Analysis")
 
+YESNO = (True, False)
+# Every family lists its options in a shuffled order (as OmniSpatial does) and offers only options that can be
+# correct; closed answer sets are scheduled so each answer is equally common. Colour-free names use size words
+# ("the large cube") only where size cannot hint at the answer (size_words=True): a large object is taller, wider
+# and, to fit the frame, farther away.
 FAMILIES: dict[str, Family] = dict([
-    # base: closed answer sets in a fixed option order (as a printed quiz lists "upper left, upper right, ..."),
-    # each answer scheduled equally often: a blind guess stays at chance, and a tiny model learns image -> letter
-    # without first learning to look letters up among shuffled options (measured: with shuffled options the tiny
-    # bases stayed at chance; with a fixed order, 59% on image_quadrant after 400 steps of 32).
-    _fam("image_quadrant", "base", *LOC, b_image_quadrant, gt_quadrant, 1, QUADRANTS),  # one object is enough
-    _fam("relative_direction", "base", *EGO, b_relative_direction, gt_relative_direction, 2, tuple(RELATION_TEXT)),
+    # base: what the tiny bases are pretrained on (positions in the image and relative directions)
+    _fam("image_quadrant", "base", *LOC, b_image_quadrant, gt_quadrant, 1, QUADRANTS, True),  # one object is enough
+    _fam("relative_direction", "base", *EGO, b_relative_direction, gt_relative_direction, 2, tuple(RELATION_TEXT),
+         True),
     # sft: the SpaceThinker question kinds (metric with units, yes/no predicates, which-one, bigger / closer)
-    _fam("nearest_object", "sft", *LOC, b_nearest_object, gt_nearest, 4),
-    _fam("farthest_object", "sft", *LOC, b_farthest_object, gt_farthest, 4),
-    _fam("largest_object", "sft", *GEOM, b_largest_object, gt_largest),
+    # which-object families need 3+ objects: with two they would repeat closer_pair / which_taller
+    _fam("nearest_object", "sft", *LOC, b_nearest_object, gt_nearest, 3),
+    _fam("farthest_object", "sft", *LOC, b_farthest_object, gt_farthest, 3),
+    _fam("tallest_object", "sft", *GEOM, b_tallest_object, gt_tallest, 3),
     _fam("closer_pair", "sft", *EGO, b_closer_pair, gt_closer),
     _fam("distance_between", "sft", *GEOM, b_distance_between, gt_distance),
     _fam("distance_to_camera", "sft", *EGO, b_distance_to_camera, gt_cam_distance),
     _fam("width_of", "sft", *GEOM, b_width_of, gt_width),
     _fam("height_of", "sft", *GEOM, b_height_of, gt_height),
-    _fam("is_left", "sft", *EGO, b_is_left, gt_is_left),
-    _fam("is_above", "sft", *EGO, b_is_above, gt_is_above),
-    _fam("is_behind", "sft", *EGO, b_is_behind, gt_is_behind),
-    _fam("is_wider", "sft", *GEOM, b_is_wider, gt_is_wider),
-    _fam("which_left", "sft", *EGO, b_which_left, gt_which_left),
+    _fam("is_left", "sft", *EGO, b_is_left, gt_is_left, 2, YESNO, True),
+    _fam("is_above", "sft", *EGO, b_is_above, gt_is_above, 2, YESNO),
+    _fam("is_behind", "sft", *EGO, b_is_behind, gt_is_behind, 2, YESNO),
+    _fam("is_wider", "sft", *GEOM, b_is_wider, gt_is_wider, 2, YESNO),
+    _fam("which_left", "sft", *EGO, b_which_left, gt_which_left, 2, (), True),
     _fam("which_taller", "sft", *EGO, b_which_taller, gt_which_taller),
     # test_only: perspective taking, motion, multi-step
-    _fam("facing_camera_side", "test_only", *ALLO, b_facing_camera_side, gt_facing_camera),
-    _fam("facing_object_side", "test_only", *ALLO, b_facing_object_side, gt_facing_object, 3),
-    _fam("view_from_behind", "test_only", *HYPO, b_view_from_behind, gt_view_from_behind),
+    _fam("facing_camera_side", "test_only", *ALLO, b_facing_camera_side, gt_facing_camera, 2, DIRECTIONS, True),
+    _fam("facing_object_side", "test_only", *ALLO, b_facing_object_side, gt_facing_object, 3, DIRECTIONS, True),
+    _fam("view_from_behind", "test_only", *HYPO, b_view_from_behind, gt_view_from_behind, 2, ("left", "right"),
+         True),
     _fam("motion_time", "test_only", *MOTION, b_motion_time, gt_motion_time),
     _fam("push_nearest", "test_only", *MANIP, b_push_nearest, gt_push_nearest, 3),
-    _fam("arrive_first", "test_only", *TRAFFIC, b_arrive_first, gt_arrive_first),
+    _fam("arrive_first", "test_only", *TRAFFIC, b_arrive_first, gt_arrive_first, 2, ("faster", "slower")),
     _fam("nearest_to_object", "test_only", *LOC, b_nearest_to_object, gt_nearest_to, 3),
     _fam("route_length", "test_only", *GEO, b_route_length, gt_route_length),
     _fam("depth_order", "test_only", *PATTERN, b_depth_order, gt_depth_order, 3),

@@ -1,5 +1,6 @@
-"""make_items: procedural spatial VQA items (image + 4-option question + reasoning + free answer), deterministic
-from a seed, with families drawn from an exactly balanced schedule and correct letters exactly balanced over A-D."""
+"""make_items: procedural spatial VQA items (image + 2-4 option question + reasoning + free answer), deterministic
+from a seed, with families drawn from an exactly balanced schedule and the correct letter exactly balanced among the
+items of each option count."""
 from __future__ import annotations
 
 import re
@@ -18,6 +19,7 @@ COLOUR_FREE_P = 0.5            # share of questions that name objects by shape/s
 N_OBJECTS = (2, 4)             # objects per scene, drawn uniformly
 BUILD_TRIES = 8                # role re-draws per family before giving up on a scene for it
 _COLOUR_RE = re.compile(r"\b(" + "|".join(PALETTE) + r")\b", re.IGNORECASE)
+_SIZE_RE = re.compile(r"\b(large|small)\b")
 
 
 @dataclass
@@ -65,12 +67,6 @@ class Schedule:
             self.refill()
         return self.queue.pop()
 
-    def take(self, v):
-        """Use a specific value (a fixed-order item's letter), so the running counts stay balanced."""
-        if v not in self.queue:
-            self.refill()
-        self.queue.remove(v)
-
     def peek(self):
         if not self.queue:
             self.refill()
@@ -86,6 +82,11 @@ def _place(options: list[str], letter: int, rng) -> tuple[list[str], int]:
     return wrong[:letter] + [options[0]] + wrong[letter:], letter
 
 
+def _size_hint(fam, qa) -> bool:
+    """A size word in a family where size hints at the answer ("is the large cube wider ...")."""
+    return not fam.size_words and bool(_SIZE_RE.search(qa.question + " " + " ".join(qa.options)))
+
+
 def _try_family(name: str, scene: Scene, rng, colour_free: bool, targets: dict):
     fam = FAMILIES[name]
     if scene.geom.k < fam.min_objects:
@@ -93,18 +94,17 @@ def _try_family(name: str, scene: Scene, rng, colour_free: bool, targets: dict):
     ctx = Ctx(scene.geom, scene.objs, rng, colour_free, targets[name].peek() if name in targets else None)
     for _ in range(BUILD_TRIES):
         qa = fam.build(ctx)
-        if qa is not None:
+        if qa is not None and not _size_hint(fam, qa):
             return qa
     return None
 
 
-def _item(qa, name, scene, sid, letter_sched, rng, keep_scene) -> Item:
-    fam = FAMILIES[name]
-    if qa.order:                                 # fixed option order: the scheduled answer decides the letter
-        opts, ans = list(qa.order), qa.order.index(qa.options[0])
-        letter_sched.take(ans)
-    else:
-        opts, ans = _place(qa.options, letter_sched.next(), rng)
+def _item(qa, name, scene, sid, letters, rng, keep_scene) -> Item:
+    """Place the correct option on the next letter of the schedule for this many options (2, 3 or 4)."""
+    fam, n = FAMILIES[name], len(qa.options)
+    if n not in letters:
+        letters[n] = Schedule(range(n), rng)
+    opts, ans = _place(qa.options, letters[n].next(), rng)
     free = not names_colour(qa.question + " " + " ".join(opts))
     return Item(scene.image, qa.question, opts, ans, name, fam.partition, fam.task_type, fam.sub_task_type,
                 qa.reasoning, qa.free_answer, sid, qa.kind, qa.roles, qa.value, free, scene if keep_scene else None)
@@ -119,7 +119,7 @@ def make_items(n: int, seed: int = 0, partition: str | None = None, families=Non
     if not names:
         raise ValueError(f"no families for partition={partition!r}, families={families!r}")
     rng = np.random.default_rng(seed)
-    fam_sched, letter_sched = Schedule(names, rng), Schedule(range(4), rng)
+    fam_sched, letter_sched = Schedule(names, rng), {}
     # closed-answer families get an answer schedule too: a scheduled answer waits until a scene allows it
     targets = {n_: Schedule(FAMILIES[n_].answers, rng) for n_ in names if FAMILIES[n_].answers}
     items, sid = [], 0

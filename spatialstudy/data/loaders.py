@@ -60,9 +60,11 @@ def _image_sources(value, base: Path) -> list:
 
 
 def _verify(src) -> None:
-    """Cheap integrity check without decoding the pixels (PIL's verify)."""
-    with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-        im.verify()
+    """Integrity check: verify() checks the structure (PNG chunk CRCs), load() decodes every pixel, which catches
+    truncated or corrupt image data that verify() lets through (for JPEG it checks nothing)."""
+    for check in ("verify", "load"):
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+            getattr(im, check)()
 
 
 def _space_row(row: dict, where: str, i: int, base: Path) -> SpaceRecord:
@@ -76,13 +78,28 @@ def _space_row(row: dict, where: str, i: int, base: Path) -> SpaceRecord:
             _verify(s)
     except Exception as e:  # noqa: BLE001 - any PIL failure means a corrupt image
         raise ValueError(f"missing or corrupt image ({e})") from e
-    think, ans = THINK.search(row["output"]), ANSWER.search(row["output"])
-    if not think or not ans:
-        tag = "think" if not think else "answer"
-        raise ValueError(f"output lacks <{tag}>...</{tag}>")
+    think, answer = _think_and_answer(row["output"])
+    question = extract_question(row["input"])
+    if not question:
+        raise ValueError("empty question in 'input'")
     choices, correct = _choices(row)
-    return SpaceRecord(LazyImages(srcs, f"{where} row {i}"), extract_question(row["input"]), think.group(1).strip(),
-                       ans.group(1).strip(), row["output"], row.get("family"), choices, correct, i, where)
+    return SpaceRecord(LazyImages(srcs, f"{where} row {i}"), question, think, answer, row["output"],
+                       row.get("family"), choices, correct, i, where)
+
+
+def _think_and_answer(output: str) -> tuple[str, str]:
+    """(reasoning, answer): the answer is the <answer> outside every <think> block; one inside only is a draft."""
+    think = THINK.search(output)
+    if not think:
+        raise ValueError("output lacks <think>...</think>")
+    ans = ANSWER.search(THINK.sub("", output))
+    if not ans:
+        if ANSWER.search(output):
+            raise ValueError("<answer> found only inside <think>; the output has no final answer")
+        raise ValueError("output lacks <answer>...</answer>")
+    if not ans.group(1).strip():
+        raise ValueError("empty <answer></answer>")
+    return think.group(1).strip(), ans.group(1).strip()
 
 
 def _choices(row: dict):
@@ -90,10 +107,16 @@ def _choices(row: dict):
     raw = row.get("choices")
     if raw is None:
         return None, None
-    choices = json.loads(raw) if isinstance(raw, str) else list(raw)
+    try:
+        choices = json.loads(raw) if isinstance(raw, str) else list(raw)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"choices is not a JSON list of options ({e})") from e
+    _check_options(choices, "choices")
     correct = row.get("correct")
-    if not isinstance(correct, int) or not 0 <= correct < len(choices):
-        raise ValueError(f"correct={correct!r} out of range for {len(choices)} choices")
+    if isinstance(correct, bool) or not isinstance(correct, int):
+        raise ValueError(f"correct={correct!r} is not an integer")
+    if not 0 <= correct < len(choices):
+        raise ValueError(f"correct={correct} out of range for {len(choices)} choices")
     return choices, correct
 
 
@@ -112,16 +135,21 @@ def _is_saved_dataset(path: Path) -> bool:
 
 
 def _iter_parquet(shard: Path):
+    """(row index, row) of one shard; a corrupt shard is a DataError naming it, wherever pyarrow notices."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(shard)
-    names = pf.schema_arrow.names
-    _check_columns(names, shard)
-    i = 0
-    for batch in pf.iter_batches(batch_size=BATCH_ROWS):
-        for row in batch.to_pylist():
-            yield i, row
-            i += 1
+    try:
+        pf = pq.ParquetFile(shard)
+        _check_columns(pf.schema_arrow.names, shard)
+        i = 0
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS):
+            for row in batch.to_pylist():
+                yield i, row
+                i += 1
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{shard}: corrupt or unreadable parquet shard ({e}); re-download or rewrite this "
+                        "shard") from e
 
 
 def _iter_saved(path: Path, split: str):
@@ -176,13 +204,26 @@ def load_spacethinker(path, split: str = "train", on_error: str = "raise") -> li
 
 
 def _reason(e: Exception) -> str:
-    """A short category for the skip counter."""
+    """A short category for the skip counter (the first key found in the message, in this order)."""
     s = str(e)
-    for key in ("image", "lacks", "missing", "range", "duplicate", "markup"):
+    for key in REASONS:
         if key in s:
-            return {"image": "bad_image", "lacks": "missing_tag", "missing": "missing_field",
-                    "range": "answer_out_of_range"}.get(key, key)
+            return REASONS[key] or key
     return type(e).__name__
+
+
+REASONS = {"image": "bad_image", "lacks": "missing_tag", "missing": "missing_field", "range": "answer_out_of_range",
+           "integer": "answer_not_integer", "inside": "answer_only_in_think", "empty": "empty_field",
+           "option": "bad_options", "not a string": "wrong_type", "duplicate": None, "markup": None}
+
+
+def _check_options(opts: list, field: str) -> None:
+    """Options are strings (never silently str()-ed: a number or None there means a broken record), at most A-D."""
+    if len(opts) > N_LETTERS:
+        raise ValueError(f"{field} has {len(opts)} options, more than the {N_LETTERS} letters A-D")
+    for k, o in enumerate(opts):
+        if not isinstance(o, str):
+            raise ValueError(f"{field}: option {k} is {type(o).__name__} {o!r}, not a string")
 
 
 # --- OmniSpatial ---
@@ -238,8 +279,15 @@ def _omni_record(e, idx: int, root: Path, checked: dict) -> OmniRecord:
     opts, ans = e["options"], e["answer"]
     if not isinstance(opts, list):
         raise ValueError(f"options must be a list, got {type(opts).__name__}")
+    _check_options(opts, "options")
+    if not isinstance(e["question"], str):
+        raise ValueError(f"question is {type(e['question']).__name__}, not a string")
+    if not e["question"].strip():
+        raise ValueError("empty question")
     n = len(opts) if opts else N_LETTERS       # empty options: the four choices are drawn in the image
-    if isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans < n:
+    if isinstance(ans, bool) or not isinstance(ans, int):
+        raise ValueError(f"answer {ans!r} is not an integer (the index of the correct option)")
+    if not 0 <= ans < n:
         raise ValueError(f"answer {ans!r} out of range for {len(opts)} option(s)" +
                          (" (empty options: A-D)" if not opts else ""))
     img = image_path_for(root, e["task_type"], e["id"])

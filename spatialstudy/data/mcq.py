@@ -1,6 +1,6 @@
-"""to_mcq: a SpaceThinker-format record -> a 4-option question whose target ends "Answer: X" (used by SFT and ICL).
+"""to_mcq: a SpaceThinker-format record -> a multiple-choice question whose target ends "Answer: X" (SFT and ICL).
 
-Procedural rows carry the generator's exact options. Real rows get rule-made distractors (the study used an LLM,
+Procedural rows carry the generator's exact options (2-4: only options that can be correct). Real rows get rule-made distractors (the study used an LLM,
 which is not available offline), by answer shape:
   yes/no      -> the flipped sentence, "can not determine", and the subject-swapped opposite predicate
                  ("Yes, the A is above the B." -> "No, the B is not below the A."); bare "Yes."/"No." get a generic
@@ -48,7 +48,7 @@ class MCQConversionError(ValueError):
 
 @dataclass
 class MCQ:
-    """A 4-option question built from a record; `target` is what SFT trains on (ends with 'Answer: X')."""
+    """A 2-4 option question built from a record; `target` is what SFT trains on (ends with 'Answer: X')."""
 
     question: str
     options: list[str]
@@ -163,19 +163,35 @@ def rule_options(question: str, answer: str) -> tuple[list[str], str]:
     return opts, shape
 
 
-def to_mcq(record, seed: int, letter: int | None = None, with_reasoning: bool = False) -> MCQ:
-    """A 4-option MCQ from a SpaceRecord (or generator Item); the correct letter is uniform from `seed` unless given."""
-    rng = np.random.default_rng(seed)
+def _check_training_record(record) -> None:
+    """to_mcq builds training targets from SpaceThinker-format records (a text answer, or exact choices); a
+    benchmark record (options + answer index, e.g. an OmniRecord) is evaluation data, refused with a clear error."""
+    if getattr(record, "choices", None) is not None or isinstance(getattr(record, "answer", None), str):
+        return
+    name = f"{type(record).__name__} {getattr(record, 'key', '')}".strip()
+    raise TypeError(f"to_mcq needs a SpaceThinker-format record (text answer, or choices + correct); got {name}, "
+                    "a benchmark-style record whose options and answer index are already an MCQ: use them directly")
+
+
+def mcq_options(record) -> tuple[list[str], str]:
+    """(options with the correct one first, answer shape): the record's exact choices, else rule-made ones."""
+    _check_training_record(record)
     choices = getattr(record, "choices", None)
     if choices is not None and getattr(record, "correct", None) is not None:
-        opts = [choices[record.correct]] + [c for i, c in enumerate(choices) if i != record.correct]
-        shape = "exact"
-    else:
-        opts, shape = rule_options(record.question, record.answer)
-    if len(opts) != 4:
-        raise MCQConversionError(f"exact choices have {len(opts)} options, need 4")
-    k = int(rng.integers(4)) if letter is None else int(letter)
-    wrong = [opts[1:][i] for i in rng.permutation(3)]
+        return [choices[record.correct]] + [c for i, c in enumerate(choices) if i != record.correct], "exact"
+    return rule_options(record.question, record.answer)
+
+
+def to_mcq(record, seed: int, letter: int | None = None, with_reasoning: bool = False) -> MCQ:
+    """An MCQ from a SpaceRecord (or generator Item): the exact 2-4 choices, else four rule-made options; the
+    correct letter is uniform from `seed` unless given (a given letter wraps round fewer options)."""
+    rng = np.random.default_rng(seed)
+    opts, shape = mcq_options(record)
+    n = len(opts)
+    if not 2 <= n <= 4:
+        raise MCQConversionError(f"exact choices have {n} options, need 2 to 4")
+    k = int(rng.integers(n)) if letter is None else int(letter) % n
+    wrong = [opts[1:][i] for i in rng.permutation(n - 1)]
     options = wrong[:k] + [opts[0]] + wrong[k:]
     target = (record.reasoning.strip() + "\n\n" if with_reasoning and record.reasoning else "") + \
         f"Answer: {LETTERS[k]}"
@@ -184,15 +200,17 @@ def to_mcq(record, seed: int, letter: int | None = None, with_reasoning: bool = 
 
 
 def to_mcq_batch(records, seed: int = 0, with_reasoning: bool = False) -> tuple[list[MCQ], dict]:
-    """Convert many records with exactly balanced letters; unconvertible ones are counted with their reasons."""
+    """Convert many records with exactly balanced letters among the records of each option count; unconvertible
+    ones are counted with their reasons."""
     rng = np.random.default_rng(seed)
-    letters, out, reasons, examples = [], [], Counter(), []
+    letters, out, reasons, examples = {}, [], Counter(), []
     for i, rec in enumerate(records):
-        if not letters:
-            letters = [int(x) for x in rng.permutation(4)]
         try:
-            out.append(to_mcq(rec, seed * 1_000_003 + i, letters[-1], with_reasoning))
-            letters.pop()
+            n = len(mcq_options(rec)[0])
+            if not letters.get(n):
+                letters[n] = [int(x) for x in rng.permutation(n)]
+            out.append(to_mcq(rec, seed * 1_000_003 + i, letters[n][-1], with_reasoning))
+            letters[n].pop()
         except MCQConversionError as e:
             reasons[str(e).split(":")[0]] += 1
             if len(examples) < 20:

@@ -40,8 +40,13 @@ class OmniRecord:
 
     @property
     def image(self) -> Image.Image:
-        with Image.open(self.image_path) as im:
-            return im.convert("RGB")
+        """The decoded RGB image; a file that cannot be decoded is a DataError naming it and this record."""
+        try:
+            with Image.open(self.image_path) as im:
+                return im.convert("RGB")
+        except Exception as e:  # noqa: BLE001 - re-raised with the record named
+            raise DataError(f"{self.image_path}: image of record (task_type={self.task_type!r}, id={self.id!r}) "
+                            f"cannot be decoded ({e})") from e
 
 
 class LazyImages(Sequence):

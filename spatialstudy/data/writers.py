@@ -15,15 +15,15 @@ import textwrap
 import os
 import shutil
 import zipfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from spatialstudy.data.families import CANT
 from spatialstudy.data.families import PARTITIONS
 from spatialstudy.data.generator import Item, make_items
+from spatialstudy.data.streams import role_seed
 
 # SpaceThinker's `input` (VQASynth r1_reasoning._format_input_string): two spaces after each header, a system turn
 # "detailed thinking on", no <image> token, ending with the assistant header.
@@ -96,7 +96,8 @@ def write_spacethinker(out_dir, n_train: int, n_test: int, seed: int = 0, image_
     """Write train/test splits of SpaceThinker-format rows (from the SFT families by default) to out_dir."""
     def build(tmp: Path):
         (tmp / "data").mkdir()
-        for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1_000_003)):   # disjoint streams
+        for split, n in (("train", n_train), ("test", n_test)):
+            s = role_seed(seed, f"spacethinker_{split}")
             items = make_items(n, s, partition, families, image_size, palette, per_scene)
             rng = np.random.default_rng(s)
             rows = [spacethinker_row(it, rng) for it in items]
@@ -135,27 +136,26 @@ def _apply_quirks(items: list[Item], rng) -> list[dict]:
     want = quirk_counts(len(items))
     order = [int(i) for i in rng.permutation(len(items))]
     used = set()
-    empty = [i for i in order if items[i].task_type == "Complex_Logic"
-             and max(map(len, items[i].options)) <= DRAWN_OPTION_MAX_CHARS][:want["empty_options"]]
+    drawable, seen = [], Counter()
+    for i in order:   # every second item of each family at most: each is also asked with listed options (headline)
+        if items[i].task_type == "Complex_Logic" and max(map(len, items[i].options)) <= DRAWN_OPTION_MAX_CHARS:
+            seen[items[i].family] += 1
+            drawable += [i] if seen[items[i].family] % 2 == 0 else []
+    empty = drawable[:want["empty_options"]]
     for i in empty:
         entries[i].update(options=[], drawn=True)
         used.add(i)
-    two = [i for i in order if i not in used and items[i].kind in ("yesno", "which")][:want["two_options"]]
-    for i in two:
+    two = [i for i in order if i not in used and len(items[i].options) > 2][:want["two_options"]]
+    for i in two:                                                     # the correct option and one wrong one
         e = entries[i]
-        wrong = [j for j in range(4) if j != e["answer"]]
-        opposite = [j for j in wrong if e["options"][j].split()[0] in ("Yes,", "No,", "The", "the")]
-        wrong = (opposite or wrong)[0]                                # keep the opposite answer
-        keep = sorted([e["answer"], wrong])
+        keep = sorted([e["answer"], next(j for j in range(len(e["options"])) if j != e["answer"])])
         e.update(options=[e["options"][j] for j in keep], answer=keep.index(e["answer"]))
         used.add(i)
-    rep = [i for i in order if i not in used][:want["repeated_option"]]
-    for i in rep:                                                     # a wrong option copied over another wrong one
+    # a wrong option copied over another wrong one (the real file repeats "can not determine"); four-option items
+    rep = [i for i in order if i not in used and len(items[i].options) == 4][:want["repeated_option"]]
+    for i in rep:
         e = entries[i]
-        wrong = [j for j in range(4) if j != e["answer"]]
-        cant = e["options"].index(CANT) if CANT in e["options"] else -1
-        src = cant if cant in wrong else wrong[0]                    # "can not determine" twice, as in the real file
-        dst = next(j for j in wrong if j != src)
+        src, dst = [j for j in range(4) if j != e["answer"]][:2]
         e["options"][dst] = e["options"][src]
     return entries
 
@@ -189,14 +189,14 @@ def partition_counts(n: int, shares: dict = BENCHMARK_SHARES) -> dict[str, int]:
 
 
 def benchmark_items(n: int, seed: int, image_size: int, palette: str, partition=None, families=None,
-                    per_scene: int = 2) -> list[Item]:
+                    per_scene: int = 2, role: str = "benchmark") -> list[Item]:
     """The test set's items: BENCHMARK_SHARES of each partition (base, sft, test_only), tagged, unless one
-    partition or explicit families are asked for."""
+    partition or explicit families are asked for; each partition from its own stream of `role`."""
     if partition is not None or families is not None:
-        return make_items(n, seed, partition, families, image_size, palette, per_scene)
+        return make_items(n, role_seed(seed, role), partition, families, image_size, palette, per_scene)
     items, scenes = [], 0
-    for k, (part, share) in enumerate(partition_counts(n).items()):
-        part_items = make_items(share, seed + k, part, None, image_size, palette, per_scene)
+    for part, share in partition_counts(n).items():
+        part_items = make_items(share, role_seed(seed, f"{role}/{part}"), part, None, image_size, palette, per_scene)
         for it in part_items:
             it.scene_id += scenes                 # scene ids stay unique: they decide which items share an image
         scenes = max((it.scene_id for it in items + part_items), default=-1) + 1
@@ -208,7 +208,7 @@ def write_omnispatial(out_dir, n: int, seed: int = 0, image_size: int = 112, pal
                       partition: str | None = None, families=None, per_scene: int = 2) -> Path:
     """Write an OmniSpatial-layout test set of n items (all partitions by default, tagged) to out_dir."""
     items = benchmark_items(n, seed, image_size, palette, partition, families, per_scene)
-    entries = _apply_quirks(items, np.random.default_rng(seed + 7))
+    entries = _apply_quirks(items, np.random.default_rng(role_seed(seed, "benchmark_quirks")))
     _assign_ids(entries)
 
     def build(tmp: Path):
