@@ -31,11 +31,13 @@ from spatialstudy.models import build_tiny, make_processor  # noqa: E402
 N_HELDOUT = 200
 N_SINGLE = 100
 LETTERS = "ABCD"
+SAMPLES: list[str] = []   # one generated answer per measurement, printed with the curve point
 
 
 def letter_predictions(model, processor, items, blind: bool) -> torch.Tensor:
     """Letters of generated answers (official rule; a missing or out-of-range letter counts as -1)."""
     texts = P.generate_answers(model, processor, items, "manual_cot", blind)
+    SAMPLES.append(texts[0])
     letters = [P.official_letter(t) for t in texts]
     return torch.tensor([LETTERS.index(c) if c in LETTERS[:len(it.options)] else -1 for c, it in zip(letters, items)])
 
@@ -60,6 +62,7 @@ def curve_point(model, processor, items, single, step: int, t0: float) -> dict:
     row.update(single=_acc(one, one_truth), single_left_right=_acc(one % 2, one_truth % 2),
                single_upper_lower=_acc(one // 2, one_truth // 2))
     row["letters"] = [int((pred == i).sum()) for i in range(4)]
+    row["sample"] = SAMPLES[-3]
     return row
 
 

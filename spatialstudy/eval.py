@@ -4,8 +4,8 @@ Protocol (qizekun/OmniSpatial vlms_eval, prompt_type=manual_cot, eval_type=re): 
 text = manual-CoT system text + "Answer: X" format text + question + "\\nA. ..." option lines (none when the options
 are drawn in the image). The official README averages 5 repeats; decoding here is greedy (do_sample=False), so the
 5 repeats would be identical and ONE pass is run. Both scorers (spatialstudy.scoring) are stored per item; with
-prompt_style="direct" a bare-letter reply has no "Answer: X", so the official scorer falls back to "A" there and
-the lenient one (which reads bare letters) is the meaningful number.
+prompt_style="direct" the official scorer applies the benchmark's direct rule (first character of the stripped,
+upper-cased reply; see scoring.OFFICIAL_RULES), recorded in the run's config as `official_rule`.
 
     python -m spatialstudy.eval --model tiny-student --data runs/smoke/01_data/OmniSpatial-test --out runs/ev --shard 0/2
     python -m spatialstudy.eval --model tiny-student --data runs/smoke/01_data/OmniSpatial-test --out runs/ev --merge 2
@@ -18,7 +18,7 @@ import random
 import resource
 import time
 from collections import defaultdict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
 import torch
@@ -27,16 +27,16 @@ from tqdm.auto import tqdm
 
 from spatialstudy import runs
 from spatialstudy.predictions import (append_rows, discard_stale, merge_shards, predictions_path, read_predictions,
-                                      rows_for, shard_records)
-from spatialstudy.scoring import LETTERS, SCORERS, extract_answer, summarize
+                                      rows_for, shard_records, writer_lock)
+from spatialstudy.scoring import LETTERS, SCORERS, extract_answer, official_rule, paired_difference, summarize
 
 __all__ = ["PROMPT_STYLES", "eval_subset", "build_messages", "evaluate", "evaluate_with_controls", "merge_shards",
-           "extract_answer", "generate_batch", "model_cost"]
+           "extract_answer", "paired_difference", "generate_batch", "model_cost"]
 
 PROMPT_STYLES = ("manual_cot", "direct")
 BLANK_RGB = (128, 128, 128)          # the blind control's image: uniform grey, same size (as pretrain.py)
 PIXELS_PER_VISUAL_TOKEN = 28 * 28    # Qwen2.5-VL: 14 px patches merged 2x2; used only to sort requests by length
-HARNESS_VERSION = 1                  # bump when prompts, scoring or row fields change: invalidates resumable files
+HARNESS_VERSION = 2                  # bump when prompts, scoring or row fields change: invalidates resumable files
 FINGERPRINT_SLICE = 16               # elements per weight tensor hashed into the model fingerprint
 
 
@@ -105,7 +105,8 @@ def processor_identity(processor) -> dict:
 def eval_config(model, processor, *, max_new_tokens, prompt_style, blind, extra=None) -> dict:
     """Everything that changes an item's prediction; batch size and sharding deliberately excluded."""
     return {"harness": HARNESS_VERSION, "model": model_fingerprint(model), "processor": processor_identity(processor),
-            "max_new_tokens": max_new_tokens, "prompt_style": prompt_style, "blind": blind, "extra": extra or {}}
+            "max_new_tokens": max_new_tokens, "prompt_style": prompt_style, "official_rule": official_rule(prompt_style),
+            "blind": blind, "extra": extra or {}}
 
 
 # ---------------------------------------------------------------- generation
@@ -136,13 +137,20 @@ def generate_batch(model, processor, messages: list[list[dict]], max_new_tokens:
             for r, s, p in zip(raw, new, prompt_len)]
 
 
-def score_row(record, gen: dict, config_hash: str) -> dict:
+def image_key(record) -> str:
+    """<task_type folder>/<file name>: unique per image file within a dataset folder, wherever that folder lies;
+    questions sharing it share an image, which paired comparisons resample together."""
+    return PurePosixPath(*Path(record.image_path).parts[-2:]).as_posix()
+
+
+def score_row(record, gen: dict, config_hash: str, prompt_style: str = "manual_cot") -> dict:
     """One predictions-file row: identity, raw output, each scorer's letter/parsed/correct, timing, tokens."""
     row = {"task_type": record.task_type, "id": record.id, "sub_task_type": record.sub_task_type,
-           "partition": getattr(record, "partition", None), "options_in_image": not record.options,
+           "partition": getattr(record, "partition", None), "family": getattr(record, "family", None),
+           "image": image_key(record), "options_in_image": not record.options,
            "truth": LETTERS[record.answer], "config_hash": config_hash, **gen}
     for s in SCORERS:
-        letter, parsed = extract_answer(gen["raw"], s, record.options)
+        letter, parsed = extract_answer(gen["raw"], s, record.options, prompt_style=prompt_style)
         row.update({f"pred_{s}": letter, f"parsed_{s}": parsed, f"correct_{s}": letter == row["truth"]})
     return row
 
@@ -181,7 +189,7 @@ def _run_batches(model, processor, todo, path, chash, *, max_new_tokens, batch_s
             t0 = time.perf_counter()
             gens = generate_batch(model, processor, msgs, max_new_tokens)
             wall = time.perf_counter() - t0
-            rows = [score_row(r, {**g, "latency_s": wall / len(batch), "batch_size": len(batch)}, chash)
+            rows = [score_row(r, {**g, "latency_s": wall / len(batch), "batch_size": len(batch)}, chash, prompt_style)
                     for r, g in zip(batch, gens)]
             append_rows(path, rows)
             gen_time, gen_tokens = gen_time + wall, gen_tokens + sum(g["new_tokens"] for g in gens)
@@ -208,26 +216,28 @@ def evaluate(model, processor, records: Sequence, *, out_dir, max_new_tokens: in
                          extra=config_extra)
     chash = runs.config_hash(config)
     path = predictions_path(out_dir, name, blind, shard)
-    if overwrite:
-        path.unlink(missing_ok=True)
-    elif restart_stale and discard_stale(path, chash):
-        print(f"{path}: held predictions of another configuration; evaluating afresh")
-    done = {(r["task_type"], r["id"]) for r in read_predictions(path, chash)}
-    mine = shard_records(records, shard)
-    todo = sorted((r for r in mine if r.key not in done), key=lambda r: _request_length(processor, r))
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    was_training = model.training
-    model.eval()  # dropout off: greedy decoding must be a pure function of the inputs
-    try:
-        gen_time, gen_tokens = _run_batches(model, processor, todo, path, chash, max_new_tokens=max_new_tokens,
-                                            batch_size=batch_size, prompt_style=prompt_style, blind=blind,
-                                            demos_fn=demos_fn, on_batch=on_batch,
-                                            desc=f"eval {name}{' blind' if blind else ''}" if progress else None)
-    finally:
-        model.train(was_training)
-    metrics = summarize(rows_for(read_predictions(path, chash), mine))
+    with writer_lock(path):  # a second process evaluating into this file is refused, never interleaved
+        if overwrite:
+            path.unlink(missing_ok=True)
+        elif restart_stale and discard_stale(path, chash):
+            print(f"{path}: held predictions of another configuration; evaluating afresh")
+        done = {(r["task_type"], r["id"]) for r in read_predictions(path, chash)}
+        mine = shard_records(records, shard)
+        todo = sorted((r for r in mine if r.key not in done), key=lambda r: _request_length(processor, r))
+        device = next(model.parameters()).device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        was_training = model.training
+        model.eval()  # dropout off: greedy decoding must be a pure function of the inputs
+        try:
+            gen_time, gen_tokens = _run_batches(model, processor, todo, path, chash, max_new_tokens=max_new_tokens,
+                                                batch_size=batch_size, prompt_style=prompt_style, blind=blind,
+                                                demos_fn=demos_fn, on_batch=on_batch,
+                                                desc=f"eval {name}{' blind' if blind else ''}" if progress else None)
+        finally:
+            model.train(was_training)
+        rows = rows_for(read_predictions(path, chash), mine)
+    metrics = summarize(rows)
     peak, peak_kind = peak_memory_bytes(device)
     metrics.update(config=config, config_hash=chash, predictions=str(path), n_generated_now=len(todo),
                    cost={**model_cost(model), "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,

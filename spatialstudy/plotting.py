@@ -35,8 +35,12 @@ def savefig(fig, name: str, profile: str) -> list[Path]:
     return paths
 
 
-def accuracy_bars(series: dict, chance: float | None = None, title: str = "", ylabel: str = "accuracy (%)"):
-    """Grouped bars with 95% CI whiskers: series = {label: {group: (accuracy, lo, hi)}}; a dashed chance line."""
+def accuracy_bars(series: dict, chance: float | dict | None = None, title: str = "", ylabel: str = "accuracy (%)",
+                  paired: bool = False):
+    """Grouped bars with 95% CI whiskers: series = {label: {group: (accuracy, lo, hi)}}; a dashed chance line,
+    across the plot for a number, per group for {group: chance} (groups may differ in options per item).
+    paired: series alternate (model, its control); a control is hatched in its model's lighter colour, so each
+    model stands beside its own control."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -48,13 +52,33 @@ def accuracy_bars(series: dict, chance: float | None = None, title: str = "", yl
         x = np.arange(len(groups)) + (k - (len(series) - 1) / 2) * width
         acc = np.array([vals.get(g, (np.nan,) * 3)[0] for g in groups], float)
         err = np.array([[a - vals[g][1], vals[g][2] - a] if g in vals else [0, 0] for a, g in zip(acc, groups)]).T
-        ax.bar(x, acc, width, yerr=err, capsize=2, label=label)
-    if chance is not None:
-        ax.axhline(chance, ls="--", c="0.3", lw=1, label=f"chance ({chance:.0f}%)")
+        ax.bar(x, acc, width, yerr=err, capsize=2, label=label, **(_pair_style(k) if paired else {}))
+    _chance_line(ax, chance, groups)
     ax.set_xticks(np.arange(len(groups)), groups)
     ax.set(ylabel=ylabel, title=title, ylim=(0, 100))
     ax.legend(fontsize=7, ncol=2, loc="upper right")
     return fig
+
+
+def _pair_style(k: int) -> dict:
+    """Bar k of (model, control) pairs: the pair's palette colour; the control light and hatched."""
+    import seaborn as sns
+
+    colour = sns.color_palette()[(k // 2) % len(sns.color_palette())]
+    return {"color": colour} if k % 2 == 0 else {"color": (*colour, 0.35), "edgecolor": colour, "hatch": "//"}
+
+
+def _chance_line(ax, chance: float | dict | None, groups: list) -> None:
+    """Dashed chance level: one line for a number, a segment over each group's bars for {group: chance}."""
+    if chance is None:
+        return
+    if not isinstance(chance, dict):
+        ax.axhline(chance, ls="--", c="0.3", lw=1, label=f"chance ({chance:.0f}%)")
+        return
+    x = [i for i, g in enumerate(groups) if g in chance]
+    levels = [chance[groups[i]] for i in x]
+    ax.hlines(levels, [i - 0.45 for i in x], [i + 0.45 for i in x], linestyles="--", colors="0.3", lw=1,
+              label="chance")
 
 
 def letter_heatmaps(tables: dict, letters: str = "ABCD"):

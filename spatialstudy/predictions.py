@@ -2,16 +2,25 @@
 
 A row is keyed by (task_type, id) and carries the config hash of the run that wrote it; a file never mixes hashes,
 so resuming trusts only rows of the same configuration. Shard i of n holds every n-th record in key order.
+
+Only a torn last line (a crash mid-write) is ever cut; a corrupt earlier line is an error naming file and line, and
+nothing already written is deleted for it. Writes take an exclusive lock (fcntl.flock on the sidecar <file>.lock);
+`writer_lock(path)` holds it for a whole evaluation, so a second process writing the same file is refused.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
 
 from spatialstudy import runs
 from spatialstudy.scoring import summarize
+
+log = logging.getLogger("spatialstudy.predictions")
 
 
 def predictions_path(out_dir, name: str, blind: bool = False, shard=None) -> Path:
@@ -20,45 +29,162 @@ def predictions_path(out_dir, name: str, blind: bool = False, shard=None) -> Pat
     return Path(out_dir) / (stem + (f".shard{shard[0]}of{shard[1]}" if shard else "") + ".jsonl")
 
 
-def read_predictions(path: Path, config_hash: str | None = None) -> list[dict]:
-    """Rows of a predictions file; a torn last line (crash mid-write) is cut off, a foreign config hash refused."""
+class CorruptPredictions(ValueError):
+    """A line other than the last cannot be read: the file is left untouched and the line named."""
+
+
+class ForeignConfig(ValueError):
+    """The file holds rows of another configuration (config hash)."""
+
+
+class PredictionsLocked(RuntimeError):
+    """Another process holds the file's writer lock."""
+
+
+class PredictionRows(list):
+    """The rows of a predictions file; `skipped_lines` lists the corrupt lines left out (on_corrupt="skip")."""
+
+    def __init__(self, rows=()):
+        super().__init__(rows)
+        self.skipped_lines: list[int] = []
+
+
+ROW_KEYS = ("task_type", "id", "config_hash")
+_HELD: dict[Path, int] = {}  # file -> lock fd held by this process; flock from a second fd would refuse ourselves
+
+
+def lock_path(path) -> Path:
+    """The sidecar lock file <file>.lock (the predictions file itself is replaced or cut, so it cannot hold one)."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+@contextlib.contextmanager
+def writer_lock(path):
+    """Hold the exclusive writer lock of a predictions file (re-entrant within a process). Another process holding
+    it makes this raise PredictionsLocked naming the file and the holder's pid. Wrap a whole evaluation in it."""
+    key = Path(path).resolve()
+    if key in _HELD:
+        yield
+        return
+    _HELD[key] = _acquire(Path(path))
+    try:
+        yield
+    finally:
+        _release(_HELD.pop(key))
+
+
+def _acquire(path: Path) -> int:
+    lp = lock_path(path)
+    lp.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise PredictionsLocked(f"{path} is being written by another process (pid {holder}, lock {lp}); wait for "
+                                "it to finish, stop it, or write to another out_dir/name") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _release(fd: int) -> None:
+    os.ftruncate(fd, 0)  # no stale pid left behind; the lock file itself stays (unlinking it would race)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+def _parse_line(line: bytes) -> dict:
+    row = json.loads(line)
+    if not isinstance(row, dict) or any(k not in row for k in ROW_KEYS):
+        raise ValueError(f"not a predictions row (needs {list(ROW_KEYS)})")
+    return row
+
+
+def _parse(path: Path, on_corrupt: str) -> tuple[PredictionRows, int | None]:
+    """(rows, byte offset of a torn last line or None); a corrupt earlier line raises or is skipped."""
+    rows, offset, torn = PredictionRows(), 0, None
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.endswith(b"\n"):  # only the last line can lack its newline: a write cut by a crash
+                torn = offset
+                break
+            offset += len(line)
+            try:
+                rows.append(_parse_line(line))
+            except ValueError as err:
+                _corrupt_line(path, n, err, on_corrupt)
+                rows.skipped_lines.append(n)
+    return rows, torn
+
+
+def _corrupt_line(path: Path, n: int, err: Exception, on_corrupt: str) -> None:
+    if on_corrupt != "skip":
+        raise CorruptPredictions(f"{path}, line {n}: unreadable predictions row ({err}); nothing was changed. Fix "
+                                 "or delete that line, or read with on_corrupt='skip' to leave it out") from err
+
+
+def _cut_torn_tail(path: Path, on_corrupt: str) -> PredictionRows | None:
+    """Cut a torn last line under the writer lock (re-read there: the writer may have finished it meanwhile); None
+    when another process holds the lock, since its line may still be in flight."""
+    try:
+        with writer_lock(path):
+            rows, torn = _parse(path, on_corrupt)
+            if torn is not None:
+                os.truncate(path, torn)
+            return rows
+    except PredictionsLocked:
+        return None
+
+
+def read_predictions(path: Path, config_hash: str | None = None, on_corrupt: str = "raise") -> PredictionRows:
+    """Rows of a predictions file. A torn last line (crash mid-write) is cut off; a corrupt earlier line raises
+    CorruptPredictions naming file and line (on_corrupt="skip": left out and listed in `.skipped_lines`), and the
+    file is never changed for it; a foreign config hash raises ForeignConfig."""
+    if on_corrupt not in ("raise", "skip"):
+        raise ValueError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
     path = Path(path)
     if not path.exists():
-        return []
-    rows, good_bytes = [], 0
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                if not line.endswith(b"\n"):  # a torn write, even if it happens to parse
-                    break
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-            good_bytes += len(line)
-    if good_bytes < path.stat().st_size:
-        os.truncate(path, good_bytes)
+        return PredictionRows()
+    rows, torn = _parse(path, on_corrupt)
+    if torn is not None:
+        cut = _cut_torn_tail(path, on_corrupt)
+        rows = rows if cut is None else cut
+    _check_hash(path, rows, config_hash)
+    if rows.skipped_lines:
+        log.warning("%s: skipped %d corrupt line(s): %s", path, len(rows.skipped_lines), rows.skipped_lines[:20])
+    return rows
+
+
+def _check_hash(path: Path, rows: list[dict], config_hash: str | None) -> None:
     bad = {r["config_hash"] for r in rows} - {config_hash} if config_hash else set()
     if bad:
-        raise ValueError(f"{path} holds predictions of another configuration (hash {sorted(bad)}, this run "
-                         f"{config_hash}); delete the file, pass overwrite=True, or use another out_dir/name")
-    return rows
+        raise ForeignConfig(f"{path} holds predictions of another configuration (hash {sorted(bad)}, this run "
+                            f"{config_hash}); delete the file, pass overwrite=True, or use another out_dir/name")
 
 
 def discard_stale(path, config_hash: str) -> bool:
     """Delete `path` if it holds predictions of another configuration (a pipeline stage re-run after its model or
-    settings changed); True if it did. A file of this configuration is kept, so the run resumes."""
-    try:
-        read_predictions(path, config_hash)
-    except ValueError:
-        Path(path).unlink()
-        return True
+    settings changed); True if it did. A file of this configuration is kept, so the run resumes; a corrupt one
+    raises and is kept."""
+    with writer_lock(path):
+        try:
+            read_predictions(path, config_hash)
+        except ForeignConfig:
+            Path(path).unlink()
+            return True
     return False
 
 
 def append_rows(path: Path, rows: list[dict]) -> None:
-    """Append one batch and fsync, so a crash loses at most the batch in flight."""
+    """Append one batch and fsync under the writer lock, so a crash loses at most the batch in flight and no two
+    processes append at once (the second gets PredictionsLocked). Hold writer_lock(path) around a whole evaluation
+    to refuse a second writer from its start, not only at a colliding append."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
+    with writer_lock(path), open(path, "a", encoding="utf-8") as f:
         f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         f.flush()
         os.fsync(f.fileno())
@@ -97,5 +223,6 @@ def merge_shards(out_dir, name: str, n_shards: int, records: Sequence | None = N
             raise ValueError(f"merged shards lack {len(missing)} item(s), e.g. {missing[:3]}; re-run those shards")
         rows = rows_for(rows, records)
     out = predictions_path(out_dir, name, blind)
-    runs.atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    with writer_lock(out):
+        runs.atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return {**summarize(rows), "config_hash": hashes.pop() if hashes else None, "predictions": str(out)}

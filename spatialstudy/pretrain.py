@@ -373,10 +373,10 @@ def generate_answers(model, processor, items, style: str = "manual_cot", blind: 
 def measure(model, processor, items, style: str = "manual_cot") -> dict:
     """Held-out letter accuracy (official rule) with and without the image, overall and per partition."""
     truth = torch.tensor([it.answer for it in items])
-    res = {"n": len(items), "chance": 0.25, "style": style}
+    res = {"n": len(items), "chance": sum(1 / len(it.options) for it in items) / len(items), "style": style}
     for tag, blind in (("acc", False), ("blind_acc", True)):
         texts = generate_answers(model, processor, items, style, blind)
-        pred = torch.tensor([LETTERS.index(official_letter(t)) for t in texts])
+        pred = torch.tensor([LETTERS.find(official_letter(t)) for t in texts])   # -1: a lower-case letter
         res[tag] = (pred == truth).float().mean().item()
         for part in sorted({str(it.partition) for it in items}):
             mask = torch.tensor([str(it.partition) == part for it in items])

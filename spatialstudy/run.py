@@ -7,6 +7,8 @@
 A stage is a numbered notebook (notebooks/NN_name.ipynb, picked up automatically) or a package entry point listed in
 PY_STAGES (for work with no figures of its own). Parameters come from params/<profile>/<name>.yaml; the `ci` tier uses
 the notebooks' own defaults. The reserved key `budget_s` is the stage's wall-time budget, logged, not passed on.
+Every stage's parameter file is validated (keys, types, values, budget) before the first stage starts, so a typo in
+the last stage's file stops the run at once, not after hours of earlier stages.
 """
 from __future__ import annotations
 
@@ -33,6 +35,10 @@ class StageFailed(RuntimeError):
     pass
 
 
+class ParamsError(ValueError):
+    """A parameter file that fails validation; the message names the file and the key."""
+
+
 def notebooks_dir() -> Path:
     return runs.root() / "notebooks"
 
@@ -52,20 +58,56 @@ def _entry_exists(name: str) -> bool:
 
 
 def load_params(name: str, profile: str) -> tuple[dict, float | None]:
-    """The stage's parameters for this profile (validated against its config) and its time budget."""
+    """The stage's parameters for this profile (validated against its config) and its time budget.
+    Raises ParamsError (bad YAML, type, value or budget) or KeyError (unknown key), naming the file."""
     path = runs.root() / "params" / profile / f"{name}.yaml"
+    where = str(path.relative_to(runs.root()))
     params = {}
     if path.exists():
-        params = yaml.safe_load(path.read_text()) or {}
+        params = _read_yaml(path, where)
     elif profile != "ci":
-        print(f"[run] note: {path.relative_to(runs.root())} not found; {name} runs with its ci defaults")
-    budget = params.pop("budget_s", None)
+        print(f"[run] note: {where} not found; {name} runs with its ci defaults")
+    budget = _check_budget(params.pop("budget_s", None), where)
     params["profile"] = profile
     from spatialstudy.configs import CONFIGS
 
     if name in CONFIGS:
-        CONFIGS[name].check_keys(params, where=str(path.relative_to(runs.root())))
+        CONFIGS[name].check_keys(params, where=where)
+        _check_values(CONFIGS[name], params, where)
     return params, budget
+
+
+def _read_yaml(path: Path, where: str) -> dict:
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{where}: not valid YAML ({err})") from None
+    if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+        raise ParamsError(f"{where}: must be a mapping of parameter names to values, got {str(params)[:80]!r}")
+    return params
+
+
+def _check_budget(budget, where: str) -> float | None:
+    """budget_s: a positive number of seconds, or absent/null for no budget."""
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:  # NaN fails too
+        raise ParamsError(f"{where}: budget_s must be a positive number of seconds, got {budget!r}")
+    return budget
+
+
+def _check_values(config_cls, params: dict, where: str) -> None:
+    """Build the stage's config from the file's values (defaults for the rest): types and value checks run now,
+    in the runner, instead of in the kernel after the earlier stages have run."""
+    try:
+        config_cls(**params)
+    except (TypeError, ValueError) as err:
+        raise ParamsError(f"{where}: {err}") from None
+
+
+def validate_profile(names: list[str], profile: str) -> dict[str, tuple[dict, float | None]]:
+    """Load and validate every stage's parameter file; the first bad one raises (ParamsError or KeyError)."""
+    return {name: load_params(name, profile) for name in names}
 
 
 def run_notebook(name: str, profile: str, params: dict) -> Path:
@@ -92,9 +134,9 @@ def run_python_stage(name: str, profile: str, params: dict) -> None:
         raise StageFailed(f"stage {name} failed: {type(err).__name__}: {err}") from err
 
 
-def run_stage(name: str, profile: str) -> float:
-    """Run one stage; returns its wall time in seconds."""
-    params, budget = load_params(name, profile)
+def run_stage(name: str, profile: str, loaded: tuple[dict, float | None] | None = None) -> float:
+    """Run one stage (with its already validated `loaded` (params, budget), if given); returns its wall time."""
+    params, budget = loaded or load_params(name, profile)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     if name in PY_STAGES:
@@ -120,10 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.only or []) - set(names)
     if unknown:
         ap.error(f"unknown stage(s) {sorted(unknown)}; stages are {names}")
+    try:
+        plan = validate_profile(names, args.profile)
+    except (ParamsError, KeyError) as err:
+        print(f"[run] STOPPED before the first stage: {err.args[0]}", file=sys.stderr)
+        return 2
     timings = {}
     for name in args.only or names:
         try:
-            timings[name] = round(run_stage(name, args.profile), 1)
+            timings[name] = round(run_stage(name, args.profile, plan[name]), 1)
         except StageFailed as err:
             print(f"[run] STOPPED: {err}", file=sys.stderr)
             return 1

@@ -248,14 +248,21 @@ def test_family_builds_consistent_question(name):
 
 
 def test_numeric_options_from_the_prior():
-    """Distractors come from the quantity's prior, in the truth's unit range, OPTION_RATIO apart from each other."""
+    """Distractors come from the quantity's prior, OPTION_RATIO apart; a truth from that prior is as likely to be
+    the smallest, second, third or largest option."""
     prior = np.random.default_rng(0).uniform(0.2, 6.0, 500)
-    for value, unit, factor in ((1.52, "meters", 1.0), (0.43, "centimeters", 100.0)):
-        opts, shown = F.prior_options(value, prior, unit, np.random.default_rng(1), factor)
-        vals = sorted(float(o.split()[0]) / factor for o in opts)
-        assert opts[0] == f"{F.fmt_number(shown, F._decimals(unit))} {unit}" and len(set(opts)) == 4
+    ranks = Counter()
+    for seed in range(1500):
+        value = float(np.random.default_rng(seed).choice(prior))
+        built = F.prior_options(value, prior, "centimeters", np.random.default_rng(seed), 100.0)
+        if built is None:
+            continue
+        opts, shown = built
+        vals = sorted(float(o.split()[0]) / 100 for o in opts)
+        assert opts[0] == f"{F.fmt_number(shown, 0)} centimeters" and len(set(opts)) == 4
         assert all(b / a >= F.OPTION_RATIO * 0.97 for a, b in zip(vals, vals[1:]))
-        assert all(F._bucket(v) == F._bucket(value) for v in vals)
+        ranks[vals.index(float(opts[0].split()[0]) / 100)] += 1
+    assert sum(ranks.values()) > 500 and min(ranks.values()) > 0.75 * max(ranks.values()), ranks
     assert F.prior_options(0.5, np.array([0.5, 0.55]), "centimeters", np.random.default_rng(0), 100.0) is None
     assert F.free_number(2.4, "feet", np.random.default_rng(1)) in {
         "2\u20133 feet", "about 2.4 feet", "approximately 2.4 feet", "roughly 2.4 feet", "2.4 feet"}

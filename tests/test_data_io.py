@@ -9,11 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from spatialstudy.data.streams import role_seed
 from spatialstudy.data import (DataError, last_report, load_omnispatial, load_spacethinker, make_items,
                                write_omnispatial, write_spacethinker, zip_folder)
 from spatialstudy.data.loaders import extract_question
-from spatialstudy.data.writers import INPUT_TEMPLATE, partition_counts, quirk_counts, write_parquet
+from spatialstudy.data.writers import INPUT_TEMPLATE, partition_counts, quirk_counts, spacethinker_items, write_parquet
 
 N_OMNI = 120
 
@@ -50,7 +49,7 @@ def test_spacethinker_layout_and_roundtrip(st_root):
     assert str(schema.field("images").type) == "list<element: struct<bytes: binary, path: string>>"
     train, test = load_spacethinker(st_root, "train"), load_spacethinker(st_root, "test")
     assert (len(train), len(test)) == (12, 6) and train.report.n_skipped == 0
-    want = make_items(12, role_seed(0, "spacethinker_train"), "sft")
+    want = spacethinker_items("train", 12, 0)
     for rec, it in zip(train, want):
         assert rec.question == it.question and rec.answer == it.free_answer and rec.reasoning == it.reasoning
         assert rec.choices == it.options and rec.correct == it.answer and rec.family == it.family
@@ -378,7 +377,8 @@ def _jpeg_as_png_truncated(d, root):
 OMNI_BAD_CASES = {
     "non-string option": (lambda d, root: d[2].update(options=["left", 3, "up", "right"]),
                           r"options: option 1 is int 3, not a string", "bad_options"),
-    "null option": (lambda d, root: d[1].update(options=["yes", None]), r"options: option 1 is NoneType None", "bad_options"),
+    "null option": (lambda d, root: d[1].update(options=["yes", None]), r"options: option 1 is NoneType None",
+                    "bad_options"),
     "five options": (lambda d, root: d[2].update(options=list("abcde"), answer=0),
                      "options has 5 options, more than the 4 letters A-D", "bad_options"),
     "answer as string": (lambda d, root: d[1].update(answer="1"), r"answer '1' is not an integer",

@@ -11,6 +11,7 @@ from spatialstudy import eval as ev
 from spatialstudy.data import load_omnispatial, write_omnispatial
 from spatialstudy.models import load_model
 from spatialstudy.predictions import predictions_path, read_predictions
+from spatialstudy.scoring import in_headline
 
 N_ITEMS = 12
 MAX_NEW = 6
@@ -143,11 +144,26 @@ def test_shards_merge_to_the_unsharded_result(tiny, records, tmp_path):
         ev.merge_shards(tmp_path / "sharded", "model", 4)
 
 
+def test_rows_name_image_and_family_and_drawn_items_leave_the_headline(tiny, records, tmp_path):
+    drawn = dataclasses.replace(records[3], options=[])  # a procedural item whose options are drawn in the image
+    subset = [*records[:3], drawn]
+    m = run(tiny, subset, tmp_path)
+    rows = rows_by_key(m["predictions"])
+    for r in subset:
+        assert rows[r.key]["image"] == f"{r.task_type}/{r.image_path.name}"  # relative to the dataset folder
+        assert r.family is not None and rows[r.key]["family"] == r.family
+    assert len({row["image"] for row in rows.values()}) == len({r.image_path for r in subset})  # one per file
+    assert rows[drawn.key]["options_in_image"] and m["n"] == 4 and m["n_headline"] == 3
+    assert m["options_in_image"]["official"]["n"] == 1
+    assert m["accuracy_official"] == pytest.approx(100 * sum(rows[r.key]["correct_official"] for r in records[:3]) / 3)
+
+
 def test_controls_in_the_report(tiny, records, tmp_path):
     m = ev.evaluate_with_controls(*tiny, records, out_dir=tmp_path, max_new_tokens=MAX_NEW, batch_size=6,
                                   progress=False)
-    truth = Counter("ABCD"[r.answer] for r in records)
-    assert m["controls"]["always_A"]["accuracy"] == pytest.approx(100 * truth["A"] / len(records))
+    head = [r for r in records if in_headline(r.partition, not r.options)]
+    truth = Counter("ABCD"[r.answer] for r in head)
+    assert m["controls"]["always_A"]["accuracy"] == pytest.approx(100 * truth["A"] / len(head))
     assert m["controls"]["blind"]["n"] == len(records)
     assert predictions_path(tmp_path, "model", blind=True).exists()
     table = m["scorers"]["official"]["letter_table"]

@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from spatialstudy.scoring import accuracy_block, bootstrap_ci, extract_answer, letter_table, summarize
+from spatialstudy.scoring import (OTHER_FAMILIES, accuracy_block, bootstrap_ci, extract_answer, headline_rows,
+                                  letter_table, summarize)
 
 
 def official_oracle(response: str) -> str:
@@ -110,24 +111,50 @@ def test_bootstrap_ci_contains_estimate_and_narrows_with_n():
     assert bootstrap_ci([]) is None
 
 
-def _row(truth, pred_o, pred_l, tt="Perspective_Taking", sub="Egocentric", drawn=False, partition="test_only"):
-    return {"task_type": tt, "sub_task_type": sub, "partition": partition, "options_in_image": drawn,
-            "truth": truth, "pred_official": pred_o, "parsed_official": pred_o != "A" or truth == "A",
-            "correct_official": pred_o == truth, "pred_lenient": pred_l, "parsed_lenient": pred_l is not None,
-            "correct_lenient": pred_l == truth, "latency_s": 0.1, "new_tokens": 5}
+def _row(truth, pred_o, pred_l, tt="Perspective_Taking", sub="Egocentric", drawn=False, partition="test_only",
+         family=None):
+    return {"task_type": tt, "sub_task_type": sub, "partition": partition, "family": family,
+            "options_in_image": drawn, "truth": truth, "pred_official": pred_o,
+            "parsed_official": pred_o != "A" or truth == "A", "correct_official": pred_o == truth,
+            "pred_lenient": pred_l, "parsed_lenient": pred_l is not None, "correct_lenient": pred_l == truth,
+            "latency_s": 0.1, "new_tokens": 5}
 
 
 def test_summarize_groups_controls_and_letter_table():
-    rows = [_row("A", "A", None), _row("B", "B", "B", tt="Complex_Logic", sub="Pattern_Recognition", drawn=True),
+    rows = [_row("A", "A", None), _row("B", "B", "B", tt="Complex_Logic", sub="Pattern_Recognition"),
             _row("C", "A", "C"), _row("D", "c", "C", partition="base")]
     m = summarize(rows)
-    assert m["n"] == 4
+    assert m["n"] == m["n_headline"] == 4
     assert m["accuracy_official"] == 50.0 and m["accuracy_lenient"] == 50.0
     assert m["always_A"]["accuracy"] == 25.0
     assert m["scorers"]["lenient"]["parse_failure_rate"] == 25.0
-    assert m["scorers"]["official"]["by_options_location"]["in_image"]["n"] == 1
     assert m["scorers"]["official"]["by_partition"]["base"]["accuracy"] == 0.0
     assert set(m["scorers"]["official"]["by_sub_task_type"]) == {"Perspective_Taking/Egocentric",
                                                                   "Complex_Logic/Pattern_Recognition"}
     assert letter_table(rows, "lenient") == {"A": {"none": 1}, "B": {"B": 1}, "C": {"C": 1}, "D": {"C": 1}}
     assert letter_table(rows, "official")["D"] == {"c": 1}
+
+
+def test_drawn_options_leave_the_procedural_headline_only():
+    listed = [_row("A", "A", "A"), _row("B", "C", "C", partition="base"), _row("C", "A", None)]
+    drawn = [_row("B", "B", "B", drawn=True), _row("D", "D", "D", drawn=True, partition="base")]
+    m = summarize(listed + drawn)  # procedural: the two drawn items, both right, stay out of the headline
+    assert headline_rows(listed + drawn) == listed
+    assert m["n"] == 5 and m["n_headline"] == 3
+    assert m["accuracy_official"] == pytest.approx(100 / 3) and m["accuracy_lenient"] == pytest.approx(100 / 3)
+    assert m["scorers"]["official"]["by_partition"]["base"]["n"] == 1
+    assert m["always_A"]["n"] == 3
+    assert m["options_in_image"]["official"] == accuracy_block([True, True])
+    assert m["scorers"]["official"]["by_options_location"]["in_image"]["n"] == 2  # every row, headline or not
+    real = [{**r, "partition": None} for r in listed + drawn]  # real data: every item in the headline, as published
+    assert summarize(real)["n_headline"] == 5 and summarize(real)["accuracy_official"] == 60.0
+
+
+def test_by_family_only_where_n_reaches_50():
+    rows = ([_row("A", "A", "A", family="big")] * 50 + [_row("A", "B", "B", family="small")] * 30
+            + [_row("B", "B", "B", family="tiny")] * 10 + [_row("C", "C", "C")] * 5)  # no family: left out
+    fam = summarize(rows)["scorers"]["official"]["by_family"]
+    assert set(fam) == {"big", OTHER_FAMILIES} and OTHER_FAMILIES == "other (families with n < 50)"
+    assert fam["big"] == accuracy_block([True] * 50)
+    assert fam[OTHER_FAMILIES]["n"] == 40 and fam[OTHER_FAMILIES]["accuracy"] == 25.0
+    assert set(summarize(rows[:50])["scorers"]["official"]["by_family"]) == {"big"}  # no small family: no pool

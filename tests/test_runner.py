@@ -59,3 +59,49 @@ def test_unknown_param_in_yaml_fails_before_running(project):
     (project / "params" / "smoke" / "01_data.yaml").write_text("n_trian: 3\n")
     with pytest.raises(KeyError, match="did you mean 'n_train'"):
         run.load_params("01_data", "smoke")
+
+
+BAD_PARAMS = {  # file content of the LAST stage's parameters -> what the one STOPPED line must name
+    "wrong type": ("n_train: '3'\n", r"params/smoke/02_second\.yaml: parameter 'n_train' must be .*int.*got str"),
+    "yaml float notation for an int": ("n_omni: 4e2\n", r"02_second\.yaml: parameter 'n_omni' must be .*got str"),
+    "bad value": ("n_train: 0\n", r"02_second\.yaml: n_train must be positive"),
+    "unknown key": ("n_trian: 3\n", r"02_second\.yaml: unknown parameter 'n_trian' .*did you mean 'n_train'"),
+    "budget not a number": ("budget_s: soon\n", r"02_second\.yaml: budget_s must be a positive number.*'soon'"),
+    "budget negative": ("budget_s: -5\n", r"02_second\.yaml: budget_s must be a positive number"),
+    "budget bool": ("budget_s: true\n", r"02_second\.yaml: budget_s must be a positive number"),
+    "not yaml": ("n_train: [1, 2\n", r"02_second\.yaml: not valid YAML"),
+    "not a mapping": ("- n_train\n- 3\n", r"02_second\.yaml: must be a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PARAMS))
+def test_every_params_file_is_checked_before_the_first_stage(project, capsys, monkeypatch, case):
+    import re
+
+    from spatialstudy.configs import CONFIGS, DataConfig
+
+    monkeypatch.setitem(CONFIGS, "02_second", DataConfig)       # a stage with a typed config
+    content, pattern = BAD_PARAMS[case]
+    (project / "params" / "smoke" / "02_second.yaml").write_text(content)
+    assert run.main(["--profile", "smoke"]) == 2
+    err = capsys.readouterr().err
+    stopped = [line for line in err.splitlines() if line.startswith("[run] STOPPED")]
+    assert len(stopped) == 1 and re.search(pattern, stopped[0]), err
+    assert "Traceback" not in err
+    assert not (project / "runs" / "smoke" / "01_first").exists()    # the first stage never started
+    assert not (project / "reports" / "smoke").exists()
+
+
+def test_valid_typed_params_pass_and_reach_the_stage(project, monkeypatch):
+    from spatialstudy.configs import CONFIGS, DataConfig
+
+    monkeypatch.setitem(CONFIGS, "01_first", DataConfig)
+    (project / "params" / "smoke" / "01_first.yaml").write_text("budget_s: 60.5\nn_train: 3\n")
+    plan = run.validate_profile(run.stages(), "smoke")
+    assert plan["01_first"] == ({"n_train": 3, "profile": "smoke"}, 60.5)
+    assert plan["02_second"] == ({"profile": "smoke"}, None)
+
+
+def test_the_project_params_files_are_valid():
+    for profile in ("ci", "smoke", "full"):
+        run.validate_profile(run.stages(), profile)

@@ -34,6 +34,7 @@ NEAREST_MARGIN = 0.4       # m, nearest-to / farthest-pair margins
 TIME_RATIO = 1.25          # arrival times differ at least by this factor
 OPTION_RATIO = 1.25        # numeric options differ from each other by at least this factor
 PRIOR_SCENES = 300         # scenes of the prior bank that numeric distractors are drawn from
+PRIOR_DRAWS = 4            # joint draws of three distractors before a numeric builder gives up on this truth
 SPEEDS = (1, 2, 4)         # m/s for the motion families
 PUSH = (1.5, 2.0, 3.0)     # m, manipulation displacement
 QUADRANTS = ("upper left", "upper right", "lower left", "lower right")
@@ -59,25 +60,21 @@ def _decimals(unit: str) -> int:
     return 0 if unit in ("centimeters", "inches") else 1
 
 
-def _bucket(x: float) -> bool:
-    """The unit choice depends on the value (cm / inches below 1 m): distractors must come from the same side."""
-    return x < 1
-
-
-def prior_options(value: float, prior: np.ndarray, unit: str, rng, factor: float = 1.0,
-                  seconds: bool = False) -> tuple[list[str], float] | None:
-    """4 numeric options, the correct first, the 3 distractors drawn from `prior` (the same quantity measured on
-    other scenes) in the value's unit range, all OPTION_RATIO apart: no magnitude prior can tell the truth from
-    them (scaling distractors around the truth let a size prior pick the rung). None if the prior cannot fit."""
-    same = prior if seconds else prior[np.array([_bucket(x) for x in prior]) == _bucket(value)]
-    vals = [value]
-    for x in same[rng.permutation(len(same))]:
-        if all(max(x, v) >= OPTION_RATIO * min(x, v) for v in vals):
-            vals.append(float(x))
-            if len(vals) == 4:
-                break
-    if len(vals) < 4:
+def prior_options(value: float, prior: np.ndarray, unit: str, rng,
+                  factor: float = 1.0) -> tuple[list[str], float] | None:
+    """4 numeric options, the correct first: 3 distractors drawn i.i.d. from `prior` (the same quantity measured on
+    other scenes), the draw kept only if all four values are OPTION_RATIO apart. The truth is then exchangeable
+    with its distractors (it comes from the same prior and passes the same test), so neither a magnitude prior nor
+    "pick the largest" tells it apart (scaled distractors let a size prior pick the rung; greedy draws around the
+    truth left it mostly on top). None if PRIOR_DRAWS draws all fail (the builder then draws another truth)."""
+    draws = prior[rng.integers(len(prior), size=(PRIOR_DRAWS, 3))]
+    vals = np.concatenate([np.full((PRIOR_DRAWS, 1), value), draws], axis=1)
+    ratio = vals[:, :, None] / vals[:, None, :]
+    apart = (ratio >= OPTION_RATIO) | (ratio <= 1 / OPTION_RATIO) | np.eye(4, dtype=bool)
+    ok = np.flatnonzero(apart.all(axis=(1, 2)))
+    if not len(ok):
         return None
+    vals = [float(v) for v in vals[ok[0]]]
     for dec in range(_decimals(unit), 4):          # more decimals until all four strings differ
         opts = [f"{fmt_number(v * factor, dec)} {unit}" for v in vals]
         if len(set(opts)) == 4:
@@ -408,17 +405,16 @@ def prior(truth: Callable, n_roles: int, *extra) -> np.ndarray:
 
 def _numeric(c: Ctx, value: float, question: str, reasoning: str, sentence: str, roles, truth, extra=(),
              seconds=False):
-    """A 4-option metric question; `roles` are object indices, `extra` the truth's other arguments (a speed)."""
-    if seconds:
-        unit, factor = "seconds", 1.0
-    else:
-        unit = pick_unit(value, c.rng)
-        factor = UNIT_FACTORS[unit]
-    built = prior_options(value, prior(truth, len(roles), *extra), unit, c.rng, factor, seconds)
+    """A 4-option metric question; `roles` are object indices, `extra` the truth's other arguments (a speed).
+    The options' unit is drawn independently of the value (VQASynth's value-dependent unit told a blind guess which
+    range the truth lies in); the free answer keeps VQASynth's choice."""
+    unit = "seconds" if seconds else c.choice(tuple(UNIT_FACTORS))
+    built = prior_options(value, prior(truth, len(roles), *extra), unit, c.rng, UNIT_FACTORS.get(unit, 1.0))
     if built is None:
         return None
-    opts, shown = built
-    free = free_number(shown, unit, c.rng)
+    opts, _ = built
+    free_unit = "seconds" if seconds else pick_unit(value, c.rng)
+    free = free_number(value * UNIT_FACTORS.get(free_unit, 1.0), free_unit, c.rng)
     if c.rng.random() < 0.3:                        # VQASynth also answers in full sentences
         free = sentence.format(x=free)
     return QA(question, opts, reasoning, free, tuple(roles) + tuple(extra), value, "number")

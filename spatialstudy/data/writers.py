@@ -90,6 +90,13 @@ def write_parquet(rows: list[dict], path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
+def spacethinker_items(split: str, n: int, seed: int = 0, image_size: int = 112, palette: str = "distinct",
+                       families=None, partition: str | None = "sft", per_scene: int = 1) -> list[Item]:
+    """The generated items of one SpaceThinker-format split, from that split's own stream."""
+    return make_items(n, role_seed(seed, f"spacethinker_{split}"), partition, families, image_size, palette,
+                      per_scene)
+
+
 def write_spacethinker(out_dir, n_train: int, n_test: int, seed: int = 0, image_size: int = 112,
                        palette: str = "distinct", families=None, partition: str | None = "sft",
                        per_scene: int = 1, shards: int = 1) -> Path:
@@ -97,9 +104,8 @@ def write_spacethinker(out_dir, n_train: int, n_test: int, seed: int = 0, image_
     def build(tmp: Path):
         (tmp / "data").mkdir()
         for split, n in (("train", n_train), ("test", n_test)):
-            s = role_seed(seed, f"spacethinker_{split}")
-            items = make_items(n, s, partition, families, image_size, palette, per_scene)
-            rng = np.random.default_rng(s)
+            items = spacethinker_items(split, n, seed, image_size, palette, families, partition, per_scene)
+            rng = np.random.default_rng(role_seed(seed, f"spacethinker_{split}/rows"))
             rows = [spacethinker_row(it, rng) for it in items]
             k = max(1, min(shards, len(rows)))
             for j, part in enumerate(np.array_split(np.arange(len(rows)), k)):
