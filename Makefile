@@ -9,13 +9,16 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: study test venv kernel clean-runs
+.PHONY: study test nbval-refresh venv kernel clean-runs
 
 study: $(STAMP)  ## run every notebook on the embedded default (params/$(PROFILE)/), write reports/$(PROFILE)/
 	$(PY) -m spatialstudy.run --profile $(PROFILE)
 
 test: $(STAMP)  ## pytest + nbval (notebooks at their ci defaults)
 	TQDM_DISABLE=1 MPLBACKEND=Agg $(PY) -m pytest
+
+nbval-refresh: $(STAMP)  ## after a deliberate ci-tier change: re-store the outputs nbval compares (NBVAL_CHECK_OUTPUT)
+	$(PY) tools/nbval_refresh.py
 
 venv: $(STAMP)
 

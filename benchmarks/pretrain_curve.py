@@ -32,12 +32,15 @@ N_HELDOUT = 200
 N_SINGLE = 100
 LETTERS = "ABCD"
 SAMPLES: list[str] = []   # one generated answer per measurement, printed with the curve point
+TEXT_ACC: list[float] = []   # share of answers whose first line names the correct option (say_option answers)
 
 
 def letter_predictions(model, processor, items, blind: bool) -> torch.Tensor:
     """Letters of generated answers (official rule; a missing or out-of-range letter counts as -1)."""
     texts = P.generate_answers(model, processor, items, "manual_cot", blind)
     SAMPLES.append(texts[0])
+    said = [t.split("\n")[0].strip(" .").lower() == it.options[it.answer].lower() for t, it in zip(texts, items)]
+    TEXT_ACC.append(round(sum(said) / len(items), 3))   # the option text said before the letter is the right one
     letters = [P.official_letter(t) for t in texts]
     return torch.tensor([LETTERS.index(c) if c in LETTERS[:len(it.options)] else -1 for c, it in zip(letters, items)])
 
@@ -62,7 +65,7 @@ def curve_point(model, processor, items, single, step: int, t0: float) -> dict:
     row.update(single=_acc(one, one_truth), single_left_right=_acc(one % 2, one_truth % 2),
                single_upper_lower=_acc(one // 2, one_truth // 2))
     row["letters"] = [int((pred == i).sum()) for i in range(4)]
-    row["sample"] = SAMPLES[-3]
+    row["sample"], row["text_acc"] = SAMPLES[-3], TEXT_ACC[-3]
     return row
 
 

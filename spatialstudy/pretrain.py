@@ -56,6 +56,8 @@ class PretrainSettings:
     fewer_options: float = 0.0   # share of questions shown with 2 or 3 of their options (the benchmark has such
                                  # items; a base that only saw four would answer C or D to a two-option question)
     say_option: float = 0.0      # share of answers that state the chosen option's text before "Answer: X"
+    lookup_drill: float = 0.0    # share of one-scene episodes turned into reading drills: no image, the answer's text
+                                 # given in the question, so only finding its letter among the options is learnt
 
 
 TIERS = {
@@ -103,7 +105,8 @@ def base_tokenizer():
     from spatialstudy import tokenizer as T
 
     recipe = {"generator": generator_version(), "split": T.SMALL_SPLIT, "vocab": T.SMALL_VOCAB_SIZE,
-              "corpus": [T.CORPUS_ITEMS, T.CORPUS_PER_SCENE], "blocks": T.PROMPT_BLOCK_NAMES}
+              "corpus": [T.CORPUS_ITEMS, T.CORPUS_PER_SCENE], "blocks": T.PROMPT_BLOCK_NAMES,
+              "whole_texts": "prompt blocks + closed-answer option texts"}
     out = runs.cache_dir("tokenizer") / runs.config_hash(recipe)
     if not (out / "tokenizer.json").exists():
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -152,7 +155,7 @@ def target(item, style: str, say_option: bool = False) -> str:
     letter = LETTERS[item.answer]
     if style == "direct":
         return letter
-    return f"{item.options[item.answer].capitalize()}.\nAnswer: {letter}" if say_option else f"Answer: {letter}"
+    return f"{item.options[item.answer]}.\nAnswer: {letter}" if say_option else f"Answer: {letter}"
 
 
 def view(item, rng: random.Random, fixed: bool, fewer: float):
@@ -180,9 +183,15 @@ def _answer(item, style: str, say_option: bool = False) -> dict:
     return {"role": "assistant", "content": [{"type": "text", "text": target(item, style, say_option)}]}
 
 
+def drill(item):
+    """A reading drill: the question names its own answer, so the letter is found by reading the options alone."""
+    return dataclasses.replace(item, question=f'{item.question} (The answer is "{item.options[item.answer]}".)')
+
+
 def episode(pool: list[list], rng: random.Random, s: PretrainSettings, few_shot: bool,
             fixed: bool = False) -> tuple[list[dict], list]:
-    """One training sequence: a scene's questions as consecutive turns, or a few-shot episode; (messages, images)."""
+    """One training sequence: a scene's questions as consecutive turns, a reading drill (no image), or a few-shot
+    episode; (messages, images)."""
     _, prompts = _data()
     style = lambda: "direct" if rng.random() < s.direct_fraction else "manual_cot"  # noqa: E731
     shown = lambda it: view(it, rng, fixed, s.fewer_options)  # noqa: E731
@@ -195,10 +204,11 @@ def episode(pool: list[list], rng: random.Random, s: PretrainSettings, few_shot:
     else:  # several questions on one image: more supervision per forward pass of the vision tower
         g = rng.choice(pool)
         items = [shown(it) for it in rng.sample(g, len(g))]
+        reading = rng.random() < s.lookup_drill
         msgs = []
         for i, it in enumerate(items):
             st = style()
-            msgs += [_turn(it, st, i == 0, prompts), _answer(it, st, say)]
+            msgs += [_turn(drill(it) if reading else it, st, i == 0 and not reading, prompts), _answer(it, st, say)]
     return msgs, [m["content"][0]["image"] for m in msgs if m["role"] == "user" and m["content"][0]["type"] == "image"]
 
 

@@ -81,26 +81,39 @@ def prompt_blocks() -> tuple[str, ...]:
     return tuple(getattr(prompts, name) for name in PROMPT_BLOCK_NAMES)
 
 
-def default_corpus(n_items: int = CORPUS_ITEMS, seed: int = 0) -> list[str]:
-    """Training text for the small tokenizer: generator questions, options, reasoning and answers, both formats.
+def default_corpus(n_items: int = CORPUS_ITEMS, seed: int = 0) -> tuple[list[str], list]:
+    """Training text for the small tokenizer (generator questions, options, reasoning and answers, both formats),
+    and the items it came from.
 
     The prompt blocks are cut out: they become whole tokens, and their words would crowd the small vocabulary.
     """
     from spatialstudy.data import make_items
     from spatialstudy.data.prompts import omnispatial_prompt
+    from spatialstudy.data.streams import role_seed
 
-    texts = []
-    for i, it in enumerate(make_items(n_items, seed=seed, per_scene=CORPUS_PER_SCENE)):
+    texts, items = [], make_items(n_items, seed=role_seed(seed, "tokenizer_corpus"), per_scene=CORPUS_PER_SCENE)
+    for i, it in enumerate(items):
         prompt = omnispatial_prompt(it.question, it.options, style=("manual_cot", "direct")[i % 2])
         for block in prompt_blocks():
             prompt = prompt.replace(block, "\n")
         texts += [prompt, it.reasoning, it.free_answer, f"Answer: {'ABCD'[it.answer]}"]
-    return texts
+    return texts, items
+
+
+def answer_texts(items) -> tuple[str, ...]:
+    """The option texts of the closed-answer families ("upper left", "to the right of", ...) among `items`."""
+    from spatialstudy.data import FAMILIES
+
+    return tuple(sorted({o for it in items if FAMILIES[it.family].answers and it.kind == "choice" for o in it.options}))
 
 
 def small_tokenizer(seed: int = 0):
-    """The embedded default's tokenizer: trained on `default_corpus(seed)`, prompt blocks as single tokens."""
-    return build_tokenizer(default_corpus(seed=seed), whole_texts=prompt_blocks())
+    """The embedded default's tokenizer: trained on `default_corpus(seed)`, prompt blocks as single tokens, and each
+    closed-answer option text as one token. Reading shuffled options means finding the line whose text the answer
+    names and copying its letter: with one token per text that look-up is a one-token match (a tiny model did not
+    learn it for multi-word texts within the smoke budget), as a real 7B's tokens carry whole words' meaning."""
+    texts, items = default_corpus(seed=seed)
+    return build_tokenizer(texts, whole_texts=prompt_blocks() + answer_texts(items))
 
 
 # ---------------------------------------------------------------- the real Qwen2.5 vocabulary

@@ -129,3 +129,18 @@ def test_views_keep_the_answer():
     assert pretrain.target(items[0], "manual_cot", say_option=True).endswith(f"\nAnswer: {items[0].letter}")
     assert pretrain.target(items[0], "manual_cot", say_option=True).lower().startswith(items[0].options[
         items[0].answer])
+
+
+def test_reading_drills_have_no_image_and_name_their_answer(proc):
+    """A reading drill: one turn without an image whose question quotes the answer's text; labels cover only the
+    answer (the option text, then its letter)."""
+    s = dataclasses.replace(pretrain.TIERS[("student", "ci")], lookup_drill=1.0, say_option=1.0, direct_fraction=0.0,
+                            per_scene=1)
+    pool, rng = _pool(s), random.Random(0)
+    msgs, images = pretrain.episode(pool, rng, s, few_shot=False)
+    assert images == [] and all(c["type"] == "text" for m in msgs for c in m["content"])
+    question, answer = msgs[0]["content"][0]["text"], msgs[1]["content"][0]["text"]
+    said = answer.split("\n")[0].rstrip(".").lower()
+    assert f'(the answer is "{said}".)' in question.lower()
+    letter = answer.split("Answer: ")[1]
+    assert f"\n{letter}. {said}" in question.lower().replace(f"\n{letter.lower()}. ", f"\n{letter}. ")
