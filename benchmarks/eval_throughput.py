@@ -20,7 +20,7 @@ import torch
 
 from spatialstudy import runs
 from spatialstudy.data import load_omnispatial, write_omnispatial
-from spatialstudy.eval import evaluate
+from spatialstudy.eval import EvalSettings, evaluate
 from spatialstudy.models import load_model
 from spatialstudy.predictions import read_predictions
 
@@ -31,8 +31,9 @@ DEFAULT_THREADS = 1  # OpenMP threads spin-wait on a shared busy core: 1 thread 
 def measure(model, processor, records, batch_size: int, max_new_tokens: int, out_dir: Path) -> dict:
     """One evaluation from scratch; wall time, items/s, tokens/s and the raw outputs by key."""
     t0 = time.perf_counter()
-    m = evaluate(model, processor, records, out_dir=out_dir, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                 progress=False, name=f"bs{batch_size}")
+    settings = EvalSettings(name=f"bs{batch_size}", max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            progress=False)
+    m = evaluate(model, processor, records, out_dir, settings)
     wall = time.perf_counter() - t0
     raw = {(r["task_type"], r["id"]): r["raw"] for r in read_predictions(Path(m["predictions"]))}
     return {"batch_size": batch_size, "wall_s": wall, "items_per_s": len(records) / wall,

@@ -24,8 +24,6 @@ STUDENT_BASE_FLOOR = 45.0  # accuracy the student base must reach on the base pa
 TEACHER_MARGIN = 10.0     # points the teacher base must beat the student base by on the base partition
 BASES = ("student", "teacher")   # the tiny bases the targets are about (real models are reported, not targeted)
 PARTITION_LABELS = {"base": "retention (base)", "sft": "seen (sft)", "test_only": "unseen (test_only)"}
-REAL_MIN_PIXELS = 256 * 28 * 28   # lmms-eval's Qwen2.5-VL pixel caps: fixed, so runs stay comparable
-REAL_MAX_PIXELS = 2048 * 28 * 28
 
 
 def omnispatial_dir(profile: str, cfg: BaselineConfig) -> Path:
@@ -72,31 +70,20 @@ def model_specs(cfg: BaselineConfig) -> dict[str, tuple[str, dict]]:
     return specs
 
 
-def _load(spec: str, profile: str):
-    import torch
-
-    from spatialstudy.models import load_model
-
-    if spec.startswith("tiny-"):
-        return load_model(spec, tier=profile)
-    cuda = torch.cuda.is_available()
-    return load_model(spec, dtype=torch.bfloat16 if cuda else torch.float32, device_map="auto" if cuda else None,
-                      min_pixels=REAL_MIN_PIXELS, max_pixels=REAL_MAX_PIXELS)
-
-
 def evaluate_model(spec: str, profile: str, records: list, out_dir: Path, cfg: BaselineConfig, name: str,
                    overrides: dict) -> dict:
     """Load one model, evaluate it with the controls (resumes from its prediction files), free it."""
     import torch
 
-    from spatialstudy.eval import evaluate_with_controls
+    from spatialstudy.eval import EvalSettings, evaluate_with_controls
+    from spatialstudy.models import load_for_eval
 
-    model, processor = _load(spec, profile)
+    model, processor = load_for_eval(spec, tier=profile)
     # restart_stale: predictions left by an earlier run of this stage with other bases (retrained after a generator
     # change) or settings are replaced, not mixed in; those of this configuration are resumed
-    kw = dict(out_dir=out_dir, name=name, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-              prompt_style=cfg.prompt_style, restart_stale=True)
-    metrics = evaluate_with_controls(model, processor, records, **{**kw, **overrides})
+    kw = dict(name=name, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, prompt_style=cfg.prompt_style,
+              restart_stale=True)
+    metrics = evaluate_with_controls(model, processor, records, out_dir, EvalSettings(**{**kw, **overrides}))
     del model, processor
     gc.collect()
     if torch.cuda.is_available():

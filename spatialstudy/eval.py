@@ -7,17 +7,22 @@ are drawn in the image). The official README averages 5 repeats; decoding here i
 prompt_style="direct" the official scorer applies the benchmark's direct rule (first character of the stripped,
 upper-cased reply; see scoring.OFFICIAL_RULES), recorded in the run's config as `official_rule`.
 
-    python -m spatialstudy.eval --model tiny-student --data runs/smoke/01_data/OmniSpatial-test --out runs/ev --shard 0/2
-    python -m spatialstudy.eval --model tiny-student --data runs/smoke/01_data/OmniSpatial-test --out runs/ev --merge 2
+    python -m spatialstudy.eval --model tiny-student --data runs/smoke/01_data/OmniSpatial-test --out runs/ev
+    python -m spatialstudy.eval ... --shard 0/2          # one shard; then --merge 2 when every shard is done
+    torchrun --standalone --nproc-per-node 4 -m spatialstudy.eval ... --distributed   # 4 shards, merged by rank 0
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import os
 import random
 import resource
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
@@ -30,14 +35,55 @@ from spatialstudy.predictions import (append_rows, discard_stale, merge_shards, 
                                       rows_for, shard_records, writer_lock)
 from spatialstudy.scoring import LETTERS, SCORERS, extract_answer, official_rule, paired_difference, summarize
 
-__all__ = ["PROMPT_STYLES", "eval_subset", "build_messages", "evaluate", "evaluate_with_controls", "merge_shards",
-           "extract_answer", "paired_difference", "generate_batch", "model_cost"]
+__all__ = ["PROMPT_STYLES", "ImageTransform", "BLIND", "GRAYSCALE", "TRANSFORMS", "EvalSettings", "eval_subset",
+           "build_messages", "evaluate", "evaluate_with_controls", "merge_shards", "extract_answer",
+           "paired_difference", "generate_batch", "model_cost"]
 
 PROMPT_STYLES = ("manual_cot", "direct")
 BLANK_RGB = (128, 128, 128)          # the blind control's image: uniform grey, same size (as pretrain.py)
 PIXELS_PER_VISUAL_TOKEN = 28 * 28    # Qwen2.5-VL: 14 px patches merged 2x2; used only to sort requests by length
-HARNESS_VERSION = 2                  # bump when prompts, scoring or row fields change: invalidates resumable files
+HARNESS_VERSION = 3                  # bump when prompts, scoring or row fields change: invalidates resumable files
 FINGERPRINT_SLICE = 16               # elements per weight tensor hashed into the model fingerprint
+GREEDY = {"do_sample": False, "num_beams": 1, "use_cache": True}   # one greedy pass with a KV cache
+SHARD_WAIT = timedelta(hours=48)     # how long finished shards wait at the barrier for the slowest one
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """A named change to every query image (a control or an ablation); the name enters the run's config hash and
+    its predictions file name. Demo images (ICL) are the method's and stay as given."""
+
+    name: str
+    fn: Callable[[Image.Image], Image.Image]
+
+
+BLIND = ImageTransform("blind", lambda im: Image.new("RGB", im.size, BLANK_RGB))
+GRAYSCALE = ImageTransform("grayscale", lambda im: im.convert("L").convert("RGB"))
+TRANSFORMS = {t.name: t for t in (BLIND, GRAYSCALE)}
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How `evaluate` runs. `demos_fn(record)` gives ICL demo turns (called once to size the request, once to build
+    it); put anything that changes them (k, index) in `config_extra` so the config hash tells runs apart.
+    `restart_stale` drops a predictions file of another configuration (a stage that owns its run dir), which is
+    otherwise an error. `on_batch(rows)` sees each batch as it is written."""
+
+    name: str = "model"
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    prompt_style: str = "manual_cot"
+    transform: ImageTransform | None = None
+    shard: tuple[int, int] | None = None
+    demos_fn: Callable | None = None
+    config_extra: dict = field(default_factory=dict)
+    restart_stale: bool = False
+    progress: bool = True
+    on_batch: Callable | None = None
+
+    @property
+    def transform_name(self) -> str | None:
+        return self.transform.name if self.transform else None
 
 
 # ---------------------------------------------------------------- subsets and prompts
@@ -59,23 +105,25 @@ def eval_subset(records: Sequence, n: int | None, seed: int = 0) -> list:
     return [records[i] for i in sorted(chosen)]
 
 
-def load_image(record, blind: bool = False) -> Image.Image:
-    """The record's RGB image, or a blank one of the same size for the blind control."""
+def load_image(record, transform: ImageTransform | None = None) -> Image.Image:
+    """The record's RGB image, through `transform` when given (e.g. BLIND: a blank one of the same size)."""
     path = Path(record.image_path)
     if not path.exists():
         raise FileNotFoundError(f"image of record {record.key} not found: {path} (re-run the data stage?)")
     with Image.open(path) as im:
-        return Image.new("RGB", im.size, BLANK_RGB) if blind else im.convert("RGB")
+        image = im.convert("RGB")
+    return transform.fn(image) if transform else image
 
 
-def build_messages(record, prompt_style: str = "manual_cot", blind: bool = False, demos=()) -> list[dict]:
+def build_messages(record, prompt_style: str = "manual_cot", transform: ImageTransform | None = None,
+                   demos=()) -> list[dict]:
     """Qwen chat messages for one record: demo turns (ICL) then the query [image, official prompt]."""
     from spatialstudy.data.prompts import chat_messages, omnispatial_prompt
 
     if prompt_style not in PROMPT_STYLES:
         raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
     prompt = omnispatial_prompt(record.question, list(record.options), style=prompt_style)
-    return chat_messages(prompt, load_image(record, blind), demos=demos)
+    return chat_messages(prompt, load_image(record, transform), demos=demos)
 
 
 def message_images(messages: list[dict]) -> list[Image.Image]:
@@ -102,18 +150,35 @@ def processor_identity(processor) -> dict:
             "chat_template": hashlib.sha1(str(processor.chat_template).encode()).hexdigest()[:12]}
 
 
-def eval_config(model, processor, *, max_new_tokens, prompt_style, blind, extra=None) -> dict:
+def generation_config(model, processor, max_new_tokens: int):
+    """What generate() runs with: the checkpoint's own generation config (it may set e.g. a repetition penalty,
+    which greedy decoding still applies) under the harness's greedy settings, as generate() merges them."""
+    cfg = copy.deepcopy(model.generation_config)
+    cfg.update(max_new_tokens=max_new_tokens, pad_token_id=processor.tokenizer.pad_token_id, **GREEDY)
+    return cfg
+
+
+def generation_identity(model, processor, max_new_tokens: int) -> dict:
+    """The generation settings that differ from transformers' defaults, without bookkeeping fields (the library
+    version would split shards of one run across machines)."""
+    diff = generation_config(model, processor, max_new_tokens).to_diff_dict()
+    return {k: v for k, v in diff.items() if k not in ("transformers_version", "_from_model_config")}
+
+
+def eval_config(model, processor, settings: EvalSettings) -> dict:
     """Everything that changes an item's prediction; batch size and sharding deliberately excluded."""
-    return {"harness": HARNESS_VERSION, "model": model_fingerprint(model), "processor": processor_identity(processor),
-            "max_new_tokens": max_new_tokens, "prompt_style": prompt_style, "official_rule": official_rule(prompt_style),
-            "blind": blind, "extra": extra or {}}
+    s = settings
+    return {"harness": HARNESS_VERSION, "model": model_fingerprint(model), "dtype": str(model.dtype),
+            "attn_implementation": model.config._attn_implementation, "processor": processor_identity(processor),
+            "generation": generation_identity(model, processor, s.max_new_tokens), "prompt_style": s.prompt_style,
+            "official_rule": official_rule(s.prompt_style), "transform": s.transform_name, "extra": s.config_extra}
 
 
 # ---------------------------------------------------------------- generation
-def _eos_ids(model, processor) -> set[int]:
-    eos = model.generation_config.eos_token_id
+def _eos_ids(cfg) -> set[int]:
+    eos = cfg.eos_token_id
     ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
-    return {i for i in ids | {processor.tokenizer.pad_token_id} if i is not None}
+    return {i for i in ids | {cfg.pad_token_id} if i is not None}
 
 
 def _n_generated(seq: list[int], stop: set[int]) -> int:
@@ -128,11 +193,11 @@ def generate_batch(model, processor, messages: list[list[dict]], max_new_tokens:
     images = [im for m in messages for im in message_images(m)]
     inputs = processor(text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt")
     inputs = inputs.to(model.device)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                         pad_token_id=processor.tokenizer.pad_token_id)
+    cfg = generation_config(model, processor, max_new_tokens)
+    out = model.generate(**inputs, generation_config=cfg)
     new = out[:, inputs["input_ids"].shape[1]:].tolist()
     raw = processor.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    stop, prompt_len = _eos_ids(model, processor), inputs["attention_mask"].sum(1).tolist()
+    stop, prompt_len = _eos_ids(cfg), inputs["attention_mask"].sum(1).tolist()
     return [{"raw": r, "new_tokens": _n_generated(s, stop), "prompt_tokens": int(p)}
             for r, s, p in zip(raw, new, prompt_len)]
 
@@ -155,11 +220,34 @@ def score_row(record, gen: dict, config_hash: str, prompt_style: str = "manual_c
     return row
 
 
-def _request_length(processor, record) -> int:
-    """Approximate prompt length (question + options tokens + visual tokens), only for sorting into batches."""
-    with Image.open(record.image_path) as im:
-        visual = im.size[0] * im.size[1] // PIXELS_PER_VISUAL_TOKEN
-    return len(processor.tokenizer(record.question + " ".join(record.options))["input_ids"]) + visual
+def _visual_tokens(processor, size: tuple[int, int]) -> int:
+    """Visual tokens of an image of `size` once the processor brings it within its pixel budget (approximately)."""
+    budget = processor.image_processor.size
+    pixels = min(max(size[0] * size[1], budget["shortest_edge"]), budget["longest_edge"])
+    return pixels // PIXELS_PER_VISUAL_TOKEN
+
+
+def _content_tokens(processor, content: dict) -> int:
+    if content["type"] == "image":
+        return _visual_tokens(processor, content["image"].size)
+    return len(processor.tokenizer(content["text"])["input_ids"])
+
+
+def _request_length(processor, record, demos=()) -> int:
+    """Approximate prompt tokens of a request, demo turns included (text and visual tokens of every turn; the
+    prompt text every request shares is left out), only for sorting into batches."""
+    from spatialstudy.data.prompts import chat_messages
+
+    with Image.open(record.image_path) as im:  # lazy: the size comes from the header, no pixels are decoded
+        msgs = chat_messages(record.question + " ".join(record.options), im, demos=demos)
+        return sum(_content_tokens(processor, c) for m in msgs for c in m["content"])
+
+
+def longest_first(processor, records: Sequence, demos_fn: Callable | None = None) -> list:
+    """Records by request length, longest first: a batch that runs out of memory does so at the start, not
+    hours in. Equal lengths keep their order (the sort is stable)."""
+    length = {r.key: _request_length(processor, r, demos_fn(r) if demos_fn else ()) for r in records}
+    return sorted(records, key=lambda r: length[r.key], reverse=True)
 
 
 # ---------------------------------------------------------------- cost
@@ -178,93 +266,101 @@ def peak_memory_bytes(device) -> tuple[int, str]:
 
 
 # ---------------------------------------------------------------- the harness
-def _run_batches(model, processor, todo, path, chash, *, max_new_tokens, batch_size, prompt_style, blind,
-                 demos_fn, on_batch, desc) -> tuple[float, int]:
+def _run_batches(model, processor, todo, path, chash, s: EvalSettings) -> tuple[float, int]:
     """Generate, score and append batch after batch; returns (generation seconds, generated tokens)."""
     gen_time, gen_tokens = 0.0, 0
-    with tqdm(total=len(todo), desc=desc, disable=desc is None) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            msgs = [build_messages(r, prompt_style, blind, demos_fn(r) if demos_fn else ()) for r in batch]
+    desc = f"eval {s.name}" + (f" {s.transform_name}" if s.transform else "")
+    with tqdm(total=len(todo), desc=desc, disable=not s.progress) as bar:
+        for start in range(0, len(todo), s.batch_size):
+            batch = todo[start:start + s.batch_size]
+            msgs = [build_messages(r, s.prompt_style, s.transform, s.demos_fn(r) if s.demos_fn else ()) for r in batch]
             t0 = time.perf_counter()
-            gens = generate_batch(model, processor, msgs, max_new_tokens)
+            gens = generate_batch(model, processor, msgs, s.max_new_tokens)
             wall = time.perf_counter() - t0
-            rows = [score_row(r, {**g, "latency_s": wall / len(batch), "batch_size": len(batch)}, chash, prompt_style)
+            rows = [score_row(r, {**g, "latency_s": wall / len(batch), "batch_size": len(batch)}, chash, s.prompt_style)
                     for r, g in zip(batch, gens)]
             append_rows(path, rows)
             gen_time, gen_tokens = gen_time + wall, gen_tokens + sum(g["new_tokens"] for g in gens)
             bar.update(len(batch))
-            if on_batch:
-                on_batch(rows)
+            if s.on_batch:
+                s.on_batch(rows)
     return gen_time, gen_tokens
 
 
-def evaluate(model, processor, records: Sequence, *, out_dir, max_new_tokens: int = 64, batch_size: int = 8,
-             prompt_style: str = "manual_cot", blind: bool = False, shard: tuple[int, int] | None = None,
-             progress: bool = True, name: str = "model", demos_fn: Callable | None = None,
-             config_extra: dict | None = None, overwrite: bool = False, restart_stale: bool = False,
-             on_batch: Callable | None = None) -> dict:
-    """Evaluate `records`; predictions go to out_dir/predictions_<name>[_blind][.shardIofN].jsonl, metrics returned.
+def _generate_in_eval_mode(model, processor, todo, path, chash, s: EvalSettings) -> tuple[float, int]:
+    """_run_batches with dropout off (greedy decoding must be a pure function of the inputs), the training flag
+    restored afterwards, and the CUDA peak-memory counter started afresh."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    was_training = model.training
+    model.eval()
+    try:
+        return _run_batches(model, processor, todo, path, chash, s)
+    finally:
+        model.train(was_training)
+
+
+def evaluate(model, processor, records: Sequence, out_dir, settings: EvalSettings | None = None) -> dict:
+    """Evaluate `records`; predictions go to out_dir/predictions_<name>[_<transform>][.shardIofN].jsonl, metrics
+    returned.
 
     One greedy pass: the official protocol's 5 repeats would be identical under greedy decoding.
-    Resumable: items already in the file under the same config hash are skipped. `demos_fn(record)` gives ICL
-    demo turns; put anything that changes them (k, index) in `config_extra` so the hash tells runs apart.
-    A file of another configuration is an error, unless `restart_stale` (a stage that owns its run dir) drops it.
-    `latency_s` per item is its batch's wall time divided by the batch size (amortised).
+    Resumable: items already in the file under the same config hash are skipped; a file of another configuration
+    is an error unless `settings.restart_stale`. `latency_s` per item is its batch's wall time divided by the batch
+    size (amortised).
     """
-    config = eval_config(model, processor, max_new_tokens=max_new_tokens, prompt_style=prompt_style, blind=blind,
-                         extra=config_extra)
+    s = settings or EvalSettings()
+    config = eval_config(model, processor, s)
     chash = runs.config_hash(config)
-    path = predictions_path(out_dir, name, blind, shard)
+    path = predictions_path(out_dir, s.name, s.transform_name, s.shard)
     with writer_lock(path):  # a second process evaluating into this file is refused, never interleaved
-        if overwrite:
-            path.unlink(missing_ok=True)
-        elif restart_stale and discard_stale(path, chash):
+        if s.restart_stale and discard_stale(path, chash):
             print(f"{path}: held predictions of another configuration; evaluating afresh")
         done = {(r["task_type"], r["id"]) for r in read_predictions(path, chash)}
-        mine = shard_records(records, shard)
-        todo = sorted((r for r in mine if r.key not in done), key=lambda r: _request_length(processor, r))
-        device = next(model.parameters()).device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        was_training = model.training
-        model.eval()  # dropout off: greedy decoding must be a pure function of the inputs
-        try:
-            gen_time, gen_tokens = _run_batches(model, processor, todo, path, chash, max_new_tokens=max_new_tokens,
-                                                batch_size=batch_size, prompt_style=prompt_style, blind=blind,
-                                                demos_fn=demos_fn, on_batch=on_batch,
-                                                desc=f"eval {name}{' blind' if blind else ''}" if progress else None)
-        finally:
-            model.train(was_training)
+        mine = shard_records(records, s.shard)
+        todo = longest_first(processor, [r for r in mine if r.key not in done], s.demos_fn)
+        gen_time, gen_tokens = _generate_in_eval_mode(model, processor, todo, path, chash, s)
         rows = rows_for(read_predictions(path, chash), mine)
-    metrics = summarize(rows)
-    peak, peak_kind = peak_memory_bytes(device)
-    metrics.update(config=config, config_hash=chash, predictions=str(path), n_generated_now=len(todo),
-                   cost={**model_cost(model), "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
-                         "tokens_per_s": gen_tokens / gen_time if gen_time else None,
-                         "items_per_s": len(todo) / gen_time if gen_time else None, "batch_size": batch_size})
-    return metrics
+    peak, peak_kind = peak_memory_bytes(next(model.parameters()).device)
+    return {**summarize(rows), "config": config, "config_hash": chash, "predictions": str(path),
+            "n_generated_now": len(todo),
+            "cost": {**model_cost(model), "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
+                     "tokens_per_s": gen_tokens / gen_time if gen_time else None,
+                     "items_per_s": len(todo) / gen_time if gen_time else None, "batch_size": s.batch_size}}
 
 
-def evaluate_with_controls(model, processor, records: Sequence, **kw) -> dict:
-    """The image run plus the blind control (blank images); always-"A" and letter tables are in every summary."""
-    metrics = evaluate(model, processor, records, blind=False, **kw)
-    blind = evaluate(model, processor, records, blind=True, **kw)
+def evaluate_with_controls(model, processor, records: Sequence, out_dir, settings: EvalSettings | None = None) -> dict:
+    """The image run plus the blind control (BLIND images); always-"A" and letter tables are in every summary."""
+    settings = settings or EvalSettings()
+    metrics = evaluate(model, processor, records, out_dir, settings)
+    blind = evaluate(model, processor, records, out_dir, replace(settings, transform=BLIND))
     metrics["controls"] = {"always_A": metrics["always_A"],
                            "blind": {k: blind[k] for k in ("n", *(f"accuracy_{s}" for s in SCORERS), "scorers",
                                                            "predictions")}}
     return metrics
 
 
-def main(argv=None) -> int:
-    """CLI: evaluate one model (or one shard of it) on a local OmniSpatial-format folder, or merge shards."""
+# ---------------------------------------------------------------- command line
+def parse_shard(text: str) -> tuple[int, int]:
+    """"i/n" -> (i, n) with 0 <= i < n; anything else is a usage error."""
     import argparse
 
-    from spatialstudy.data import load_omnispatial
-    from spatialstudy.models import load_model
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected i/n (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"shard i/n needs 0 <= i < n, got {text!r}")
+    return i, n
+
+
+def _parser():
+    import argparse
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint dir, cached hub name or tiny spec")
+    ap.add_argument("--tier", default="smoke", help="pretraining tier of a tiny spec (the stage's profile)")
     ap.add_argument("--data", required=True, help="OmniSpatial-format folder (data.json + <task_type>/*.png)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--name", default="model")
@@ -273,20 +369,67 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--prompt-style", default="manual_cot", choices=PROMPT_STYLES)
-    ap.add_argument("--blind", action="store_true")
-    ap.add_argument("--shard", default=None, help="i/n: evaluate the i-th of n shards")
-    ap.add_argument("--merge", type=int, default=None, help="n: merge n finished shards instead of evaluating")
+    ap.add_argument("--transform", default=None, choices=sorted(TRANSFORMS), help="image transform (blind control)")
+    how = ap.add_mutually_exclusive_group()
+    how.add_argument("--shard", type=parse_shard, default=None, help="i/n: evaluate the i-th of n shards")
+    how.add_argument("--merge", type=int, default=None, help="n: merge n finished shards instead of evaluating")
+    how.add_argument("--distributed", action="store_true",
+                     help="under torchrun: this process evaluates shard RANK of WORLD_SIZE; rank 0 then merges")
+    return ap
+
+
+def _settings(args, shard=None) -> EvalSettings:
+    return EvalSettings(name=args.name, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                        prompt_style=args.prompt_style, transform=TRANSFORMS.get(args.transform), shard=shard)
+
+
+def _evaluate_distributed(args, records) -> dict | None:
+    """Shard RANK of WORLD_SIZE (torchrun's environment) on cuda:LOCAL_RANK (else the CPU); after a barrier rank 0
+    merges the shards and returns the merged metrics, the other ranks None. A rank that fails makes torchrun stop
+    the others, so nobody waits forever."""
+    import torch.distributed as dist
+
+    from spatialstudy.models import load_for_eval
+
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = f"cuda:{local}" if torch.cuda.is_available() else None
+    if device:
+        torch.cuda.set_device(device)  # what allocates on the "current" GPU stays on this rank's own
+    dist.init_process_group("gloo", timeout=SHARD_WAIT)  # gloo: the barrier is all we need, on any device
+    try:
+        if rank:
+            dist.barrier()  # rank 0 loads first: a tiny base not yet cached is pretrained once, not once per rank
+        model, processor = load_for_eval(args.model, tier=args.tier, device=device)
+        if not rank:
+            dist.barrier()
+        evaluate(model, processor, records, args.out, _settings(args, (rank, world)))
+        dist.barrier()
+        return None if rank else merge_shards(args.out, args.name, world, records=records,
+                                                  transform=args.transform)
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    """CLI: evaluate one model (all of it, one shard, or every shard under torchrun) on a local OmniSpatial-format
+    folder, or merge shards. Loads models as the stages do (models.load_for_eval), so the results merge with theirs."""
+    from spatialstudy.data import load_omnispatial
+    from spatialstudy.models import load_for_eval
+
+    ap = _parser()
     args = ap.parse_args(argv)
+    if args.distributed and "RANK" not in os.environ:
+        ap.error("--distributed runs under torchrun: torchrun --standalone --nproc-per-node N -m spatialstudy.eval ...")
     records = eval_subset(load_omnispatial(args.data), args.n, args.seed)
     if args.merge:
-        metrics = merge_shards(args.out, args.name, args.merge, records=records, blind=args.blind)
+        metrics = merge_shards(args.out, args.name, args.merge, records=records, transform=args.transform)
+    elif args.distributed:
+        metrics = _evaluate_distributed(args, records)
     else:
-        shard = tuple(int(x) for x in args.shard.split("/")) if args.shard else None
-        model, processor = load_model(args.model, device_map="auto" if torch.cuda.is_available() else None)
-        metrics = evaluate(model, processor, records, out_dir=args.out, name=args.name, shard=shard,
-                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                           prompt_style=args.prompt_style, blind=args.blind)
-    print(json.dumps({k: metrics[k] for k in ("n", "accuracy_official", "accuracy_lenient")}))
+        model, processor = load_for_eval(args.model, tier=args.tier)
+        metrics = evaluate(model, processor, records, args.out, _settings(args, args.shard))
+    if metrics is not None:  # None: a rank other than 0, whose shard rank 0 has merged
+        print(json.dumps({k: metrics[k] for k in ("n", "accuracy_official", "accuracy_lenient", "predictions")}))
     return 0
 
 

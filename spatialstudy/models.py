@@ -20,6 +20,8 @@ from spatialstudy.tokenizer import CHAT_TEMPLATE
 
 TINY_PIXELS = 112 * 112  # 112 px -> 8x8 patches -> 16 image tokens; the learnability spike's working size
 TINY_TIERS = ("ci", "smoke", "full")
+REAL_MIN_PIXELS = 256 * 28 * 28   # lmms-eval's Qwen2.5-VL pixel caps: fixed, so runs stay comparable
+REAL_MAX_PIXELS = 2048 * 28 * 28
 PROFILE_TO_TIER = {"ci": "ci", "smoke": "smoke", "full": "full", "full-repro": "full"}
 
 
@@ -251,3 +253,16 @@ def load_model(spec, *, dtype=None, device_map=None, attn_implementation=None, q
     if quantize_4bit:
         bnb_cpu_workaround(model)  # always: whether a CPU has avx512_bf16 varies
     return model.eval(), load_processor(path, min_pixels, max_pixels)
+
+
+def load_for_eval(spec, *, tier: str = "smoke", device=None):
+    """(model, processor) as every evaluation loads them (stages and the eval CLI alike), so that their runs share
+    config hashes and shards merge with stage results: a tiny spec as pretrained at `tier`; anything else in bf16
+    on CUDA (fp32 on the CPU) at lmms-eval's fixed pixel caps, on `device` (e.g. "cuda:1") or spread by "auto"."""
+    if parse_tiny(str(spec)):
+        model, processor = load_model(spec, tier=tier)
+        return (model.to(device) if device else model), processor
+    cuda = torch.cuda.is_available()
+    return load_model(spec, dtype=torch.bfloat16 if cuda else torch.float32,
+                      device_map=device or ("auto" if cuda else None), min_pixels=REAL_MIN_PIXELS,
+                      max_pixels=REAL_MAX_PIXELS)

@@ -23,9 +23,10 @@ from spatialstudy.scoring import summarize
 log = logging.getLogger("spatialstudy.predictions")
 
 
-def predictions_path(out_dir, name: str, blind: bool = False, shard=None) -> Path:
-    """out_dir/predictions_<name>[_blind][.shardIofN].jsonl"""
-    stem = f"predictions_{name}" + ("_blind" if blind else "")
+def predictions_path(out_dir, name: str, transform: str | None = None, shard=None) -> Path:
+    """out_dir/predictions_<name>[_<transform>][.shardIofN].jsonl; `transform` names the image transform of the
+    run (e.g. "blind": predictions_<name>_blind.jsonl)."""
+    stem = f"predictions_{name}" + (f"_{transform}" if transform else "")
     return Path(out_dir) / (stem + (f".shard{shard[0]}of{shard[1]}" if shard else "") + ".jsonl")
 
 
@@ -162,7 +163,8 @@ def _check_hash(path: Path, rows: list[dict], config_hash: str | None) -> None:
     bad = {r["config_hash"] for r in rows} - {config_hash} if config_hash else set()
     if bad:
         raise ForeignConfig(f"{path} holds predictions of another configuration (hash {sorted(bad)}, this run "
-                            f"{config_hash}); delete the file, pass overwrite=True, or use another out_dir/name")
+                            f"{config_hash}); delete the file, evaluate with restart_stale=True, or use another "
+                            "out_dir/name")
 
 
 def discard_stale(path, config_hash: str) -> bool:
@@ -206,11 +208,12 @@ def rows_for(rows: list[dict], records: Sequence) -> list[dict]:
     return [by_key[r.key] for r in records if r.key in by_key]
 
 
-def merge_shards(out_dir, name: str, n_shards: int, records: Sequence | None = None, blind: bool = False) -> dict:
+def merge_shards(out_dir, name: str, n_shards: int, records: Sequence | None = None,
+                 transform: str | None = None) -> dict:
     """Concatenate shard files into predictions_<name>.jsonl (one config hash, no gaps) and summarise them."""
     rows = []
     for i in range(n_shards):
-        path = predictions_path(out_dir, name, blind, (i, n_shards))
+        path = predictions_path(out_dir, name, transform, (i, n_shards))
         if not path.exists():
             raise FileNotFoundError(f"shard {i}/{n_shards} missing: {path}; run it with shard=({i}, {n_shards})")
         rows += read_predictions(path)
@@ -222,7 +225,7 @@ def merge_shards(out_dir, name: str, n_shards: int, records: Sequence | None = N
         if missing:
             raise ValueError(f"merged shards lack {len(missing)} item(s), e.g. {missing[:3]}; re-run those shards")
         rows = rows_for(rows, records)
-    out = predictions_path(out_dir, name, blind)
+    out = predictions_path(out_dir, name, transform)
     with writer_lock(out):
         runs.atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return {**summarize(rows), "config_hash": hashes.pop() if hashes else None, "predictions": str(out)}

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from spatialstudy import eval as ev
+from spatialstudy import runs
 from spatialstudy.data import load_omnispatial, write_omnispatial
 from spatialstudy.models import load_model
 from spatialstudy.predictions import predictions_path, read_predictions
@@ -46,9 +47,12 @@ def tiny():
     return model.eval(), processor
 
 
+def settings(**kw):
+    return ev.EvalSettings(**{"max_new_tokens": MAX_NEW, "batch_size": 4, "progress": False, **kw})
+
+
 def run(tiny, records, out_dir, **kw):
-    kw = {"max_new_tokens": MAX_NEW, "batch_size": 4, "progress": False, **kw}
-    return ev.evaluate(*tiny, records, out_dir=out_dir, **kw)
+    return ev.evaluate(*tiny, records, out_dir, settings(**kw))
 
 
 def rows_by_key(path):
@@ -80,11 +84,54 @@ def test_direct_style_and_blind_image(records):
     rec = records[0]
     direct = _query_content(ev.build_messages(rec, "direct"))[1]["text"]
     assert "only need to respond with A, B, C, or D" in direct
-    image = _query_content(ev.build_messages(rec, blind=True))[0]["image"]
+    image = _query_content(ev.build_messages(rec, transform=ev.BLIND))[0]["image"]
     real = ev.load_image(rec)
     assert image.size == real.size and image.getextrema() == tuple((v, v) for v in ev.BLANK_RGB)
     with pytest.raises(ValueError, match="prompt_style"):
         ev.build_messages(rec, "cot")
+
+
+def test_grayscale_transform_names_its_file_and_its_config(tiny, records, tmp_path):
+    colour, gray = ev.load_image(records[0]), ev.load_image(records[0], ev.GRAYSCALE)
+    assert gray.mode == "RGB" and gray.size == colour.size
+    assert len({band.tobytes() for band in gray.split()}) == 1 < len({band.tobytes() for band in colour.split()})
+    plain = run(tiny, records[:4], tmp_path)
+    m = run(tiny, records[:4], tmp_path, transform=ev.GRAYSCALE)
+    assert m["predictions"] == str(predictions_path(tmp_path, "model", "grayscale"))
+    assert m["predictions"].endswith("predictions_model_grayscale.jsonl")
+    assert m["config"]["transform"] == "grayscale" and plain["config"]["transform"] is None
+    assert m["config_hash"] != plain["config_hash"] and m["n"] == 4
+
+
+def test_config_records_dtype_attention_and_generation_used(tiny, records, tmp_path):
+    model = tiny[0]
+    config = run(tiny, records[:2], tmp_path / "a")["config"]
+    assert config["harness"] == ev.HARNESS_VERSION and config["dtype"] == "torch.float32"
+    assert config["attn_implementation"] == "eager"
+    gen = config["generation"]
+    assert gen["max_new_tokens"] == MAX_NEW and gen["do_sample"] is False and gen["num_beams"] == 1
+    assert "transformers_version" not in gen
+    model.generation_config.repetition_penalty = 1.05  # a checkpoint's own setting, which greedy decoding applies
+    try:
+        penalised = run(tiny, records[:2], tmp_path / "b")["config"]
+    finally:
+        model.generation_config.repetition_penalty = None
+    assert penalised["generation"]["repetition_penalty"] == 1.05
+    assert runs.config_hash(penalised) != runs.config_hash(config)
+
+
+def test_requests_run_longest_first_counting_demo_turns(tiny, records, tmp_path):
+    demo = (ev.load_image(records[0]), records[0].question, "Answer: " + records[0].letter)
+    shortest = min(records, key=lambda r: ev._request_length(tiny[1], r))  # without demos
+    demos_fn = lambda r: [demo, demo] if r.key == shortest.key else []  # noqa: E731
+    order = ev.longest_first(tiny[1], records, demos_fn)
+    assert order[0].key == shortest.key
+    lengths = [ev._request_length(tiny[1], r, demos_fn(r)) for r in order]
+    assert lengths == sorted(lengths, reverse=True)
+    batches = []
+    m = run(tiny, records, tmp_path, demos_fn=demos_fn, on_batch=batches.append)
+    assert m["n"] == N_ITEMS and shortest.key in {(r["task_type"], r["id"]) for r in batches[0]}
+    assert max(r["prompt_tokens"] for r in batches[0]) == max(r["prompt_tokens"] for b in batches for r in b)
 
 
 def test_batched_and_one_by_one_give_the_same_answers(tiny, records, tmp_path):
@@ -159,13 +206,13 @@ def test_rows_name_image_and_family_and_drawn_items_leave_the_headline(tiny, rec
 
 
 def test_controls_in_the_report(tiny, records, tmp_path):
-    m = ev.evaluate_with_controls(*tiny, records, out_dir=tmp_path, max_new_tokens=MAX_NEW, batch_size=6,
-                                  progress=False)
+    m = ev.evaluate_with_controls(*tiny, records, tmp_path, settings(batch_size=6))
     head = [r for r in records if in_headline(r.partition, not r.options)]
     truth = Counter("ABCD"[r.answer] for r in head)
     assert m["controls"]["always_A"]["accuracy"] == pytest.approx(100 * truth["A"] / len(head))
     assert m["controls"]["blind"]["n"] == len(records)
-    assert predictions_path(tmp_path, "model", blind=True).exists()
+    assert m["controls"]["blind"]["predictions"] == str(tmp_path / "predictions_model_blind.jsonl")
+    assert predictions_path(tmp_path, "model", "blind").exists()
     table = m["scorers"]["official"]["letter_table"]
     assert sum(sum(row.values()) for row in table.values()) == len(records)
     assert set(m["scorers"]["lenient"]["by_task_type"]) == {r.task_type for r in records}
