@@ -102,9 +102,13 @@ def _try_family(name: str, scene: Scene, rng, colour_free: bool, targets: dict):
 def _item(qa, name, scene, sid, letters, rng, keep_scene) -> Item:
     """Place the correct option on the next letter of the schedule for this many options (2, 3 or 4)."""
     fam, n = FAMILIES[name], len(qa.options)
-    if n not in letters:
-        letters[n] = Schedule(range(n), rng)
-    opts, ans = _place(qa.options, letters[n].next(), rng)
+    if fam.ordered:            # the scheduled answer decides the letter (a fixed order; answers balanced per family)
+        opts = sorted(qa.options)
+        ans = opts.index(qa.options[0])
+    else:
+        if n not in letters:
+            letters[n] = Schedule(range(n), rng)
+        opts, ans = _place(qa.options, letters[n].next(), rng)
     free = not names_colour(qa.question + " " + " ".join(opts))
     return Item(scene.image, qa.question, opts, ans, name, fam.partition, fam.task_type, fam.sub_task_type,
                 qa.reasoning, qa.free_answer, sid, qa.kind, qa.roles, qa.value, free, scene if keep_scene else None)

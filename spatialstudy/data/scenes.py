@@ -34,7 +34,7 @@ PLACE_TRIES = 256
 # Every shape's width and height are drawn from one range (cube side, sphere and cylinder diameter, cylinder height
 # independently): with shape-specific ranges "is the cylinder taller than the cube?" was answerable from the shape
 # words alone (a text-only classifier reached 84% on which_taller).
-SIZE_RANGE = (0.35, 1.25)        # metres; wide enough for four numeric options 1.25x apart within the prior
+SIZE_RANGE = (0.5, 1.3)          # metres; wide enough for four numeric options 1.25x apart within the prior
 DUPLICATE_SIZE_RATIO = 1.6       # two objects of one shape differ at least this much, so "large"/"small" names hold
 
 # Colours: the "distinct" palette has clearly different luma levels so grayscale keeps objects apart;
