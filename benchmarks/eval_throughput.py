@@ -21,7 +21,7 @@ import torch
 from spatialstudy import runs
 from spatialstudy.data import load_omnispatial, write_omnispatial
 from spatialstudy.eval import EvalSettings, evaluate
-from spatialstudy.models import load_model
+from spatialstudy.bases import load_model
 from spatialstudy.predictions import read_predictions
 
 DATA_SEED = 123

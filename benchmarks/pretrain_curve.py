@@ -30,19 +30,18 @@ from spatialstudy.models import build_tiny, make_processor  # noqa: E402
 
 N_HELDOUT = 200
 N_SINGLE = 100
-LETTERS = "ABCD"
 SAMPLES: list[str] = []   # one generated answer per measurement, printed with the curve point
 TEXT_ACC: list[float] = []   # share of answers whose first line names the correct option (say_option answers)
 
 
 def letter_predictions(model, processor, items, blind: bool) -> torch.Tensor:
-    """Letters of generated answers (official rule; a missing or out-of-range letter counts as -1)."""
-    texts = P.generate_answers(model, processor, items, "manual_cot", blind)
+    """Letters of generated answers (official scorer; a missing or out-of-range letter counts as -1)."""
+    texts = P.answers(model, processor, items, "manual_cot", blind)
     SAMPLES.append(texts[0])
     said = [t.split("\n")[0].strip(" .").lower() == it.options[it.answer].lower() for t, it in zip(texts, items)]
     TEXT_ACC.append(round(sum(said) / len(items), 3))   # the option text said before the letter is the right one
-    letters = [P.official_letter(t) for t in texts]
-    return torch.tensor([LETTERS.index(c) if c in LETTERS[:len(it.options)] else -1 for c, it in zip(letters, items)])
+    letters = [P.letter_index(t, it.options) for t, it in zip(texts, items)]
+    return torch.tensor([k if k < len(it.options) else -1 for k, it in zip(letters, items)])
 
 
 def _acc(pred, truth, mask=None) -> float:
@@ -86,6 +85,8 @@ def main(args) -> None:
     proc = make_processor(tok)
     model = build_tiny(args.model, tok, seed=args.seed)
     held = make_items(N_HELDOUT, seed=role_seed(args.seed, "pretrain_heldout/base"), partition="base")
+    if args.fixed_eval:   # base families listed in their fixed (sorted) order, as a fixed-order benchmark shows them
+        held = [P.view(it, random.Random(0), True, 0.0) for it in held]
     single = [P.view(it, random.Random(0), True, 0.0)   # sorted options: letter // 2 is the upper/lower bit
               for it in make_items(N_SINGLE, seed=role_seed(args.seed, "pretrain_heldout/single"),
                                    families=["image_quadrant"], n_objects=(1, 1))]
@@ -110,5 +111,6 @@ if __name__ == "__main__":
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fixed-eval", action="store_true", help="held-out base items in their fixed (sorted) order")
     ap.add_argument("--set", nargs="*", default=[], help="PretrainSettings overrides, e.g. fixed_order=0.3")
     main(ap.parse_args())

@@ -1,12 +1,12 @@
 """Stage `baseline`: the student and teacher bases (tiny, and real 3B/7B when given) on the fixed evaluation subset.
 
 Writes runs/<profile>/baseline/{config.json, metrics.json, eval_subset.json, predictions_<model>[_blind].jsonl}.
-Every later method evaluates on exactly this subset (`eval_records(profile)`), so numbers compare item for item.
+Every later method evaluates on exactly this subset (`eval.eval_records(profile)`), so numbers compare item for
+item.
 Module-level imports stay light (no torch) so the runner can validate BaselineConfig before starting work.
 """
 from __future__ import annotations
 
-import gc
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
@@ -46,20 +46,6 @@ def test_records(profile: str, cfg: BaselineConfig) -> list:
     return eval_subset(records, cfg.n_eval or None, cfg.eval_seed)
 
 
-def eval_records(profile: str) -> list:
-    """The baseline's evaluation subset (same items, same order) for any later method of this profile."""
-    from spatialstudy.data import load_omnispatial
-
-    out = runs.require_run(profile, STAGE)
-    subset = runs.read_json(out / "eval_subset.json")
-    by_key = {r.key: r for r in load_omnispatial(subset["omnispatial_dir"])}
-    missing = [k for k in map(tuple, subset["keys"]) if k not in by_key]
-    if missing:
-        raise ValueError(f"{out}/eval_subset.json names {len(missing)} item(s) absent from {subset['omnispatial_dir']}"
-                         f", e.g. {missing[:2]}; re-run the baseline stage after the data stage")
-    return [by_key[tuple(k)] for k in subset["keys"]]
-
-
 def model_specs(cfg: BaselineConfig) -> dict[str, tuple[str, dict]]:
     """name -> (load_model spec, evaluation overrides); the real models only when their paths are given."""
     specs = {"student": ("tiny-student", {}), "teacher": ("tiny-teacher", {})}
@@ -72,23 +58,14 @@ def model_specs(cfg: BaselineConfig) -> dict[str, tuple[str, dict]]:
 
 def evaluate_model(spec: str, profile: str, records: list, out_dir: Path, cfg: BaselineConfig, name: str,
                    overrides: dict) -> dict:
-    """Load one model, evaluate it with the controls (resumes from its prediction files), free it."""
-    import torch
+    """One base with its controls, at this stage's settings (the evaluation layer loads, evaluates and frees it)."""
+    from spatialstudy.eval import EvalSettings, evaluate_spec
 
-    from spatialstudy.eval import EvalSettings, evaluate_with_controls
-    from spatialstudy.models import load_for_eval
-
-    model, processor = load_for_eval(spec, tier=profile)
     # restart_stale: predictions left by an earlier run of this stage with other bases (retrained after a generator
     # change) or settings are replaced, not mixed in; those of this configuration are resumed
     kw = dict(name=name, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, prompt_style=cfg.prompt_style,
               restart_stale=True)
-    metrics = evaluate_with_controls(model, processor, records, out_dir, EvalSettings(**{**kw, **overrides}))
-    del model, processor
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return {"spec": spec, **metrics}
+    return evaluate_spec(spec, records, out_dir, EvalSettings(**{**kw, **overrides}), tier=profile)
 
 
 def chance_accuracy(records: list) -> float:
@@ -164,12 +141,12 @@ def targets(results: dict, records: list) -> dict:
 
 def run_baseline(profile: str, cfg: BaselineConfig) -> dict:
     """Evaluate every base on the fixed subset with controls; write the run dir; return its metrics."""
+    from spatialstudy.eval import save_eval_subset
+
     runs.seed_everything(cfg.seed)
     records = test_records(profile, cfg)
     out = runs.run_dir(profile, STAGE)
-    runs.write_json(out / "eval_subset.json", {"omnispatial_dir": str(omnispatial_dir(profile, cfg)),
-                                               "n": len(records), "seed": cfg.eval_seed,
-                                               "keys": [list(r.key) for r in records]})
+    save_eval_subset(out, omnispatial_dir(profile, cfg), records, cfg.eval_seed)
     results = {name: evaluate_model(spec, profile, records, out, cfg, name, over)
                for name, (spec, over) in model_specs(cfg).items()}
     metrics = {"n_eval": len(records), "models": results, "targets": targets(results, records),

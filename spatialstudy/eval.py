@@ -13,7 +13,6 @@ upper-cased reply; see scoring.OFFICIAL_RULES), recorded in the run's config as 
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -31,35 +30,22 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from spatialstudy import runs
+from spatialstudy.generation import generate_batch, generation_identity
 from spatialstudy.predictions import (append_rows, discard_stale, merge_shards, predictions_path, read_predictions,
                                       rows_for, shard_records, writer_lock)
 from spatialstudy.scoring import LETTERS, SCORERS, extract_answer, official_rule, paired_difference, summarize
+from spatialstudy.transforms import BLIND, GRAYSCALE, TRANSFORMS, ImageTransform  # noqa: F401 (GRAYSCALE: __all__)
 
 __all__ = ["PROMPT_STYLES", "ImageTransform", "BLIND", "GRAYSCALE", "TRANSFORMS", "EvalSettings", "eval_subset",
            "build_messages", "evaluate", "evaluate_with_controls", "merge_shards", "extract_answer",
-           "paired_difference", "generate_batch", "model_cost"]
+           "paired_difference", "generate_batch", "eval_records", "evaluate_spec"]
 
 PROMPT_STYLES = ("manual_cot", "direct")
-BLANK_RGB = (128, 128, 128)          # the blind control's image: uniform grey, same size (as pretrain.py)
 PIXELS_PER_VISUAL_TOKEN = 28 * 28    # Qwen2.5-VL: 14 px patches merged 2x2; used only to sort requests by length
 HARNESS_VERSION = 3                  # bump when prompts, scoring or row fields change: invalidates resumable files
 FINGERPRINT_SLICE = 16               # elements per weight tensor hashed into the model fingerprint
-GREEDY = {"do_sample": False, "num_beams": 1, "use_cache": True}   # one greedy pass with a KV cache
 SHARD_WAIT = timedelta(hours=48)     # how long finished shards wait at the barrier for the slowest one
-
-
-@dataclass(frozen=True)
-class ImageTransform:
-    """A named change to every query image (a control or an ablation); the name enters the run's config hash and
-    its predictions file name. Demo images (ICL) are the method's and stay as given."""
-
-    name: str
-    fn: Callable[[Image.Image], Image.Image]
-
-
-BLIND = ImageTransform("blind", lambda im: Image.new("RGB", im.size, BLANK_RGB))
-GRAYSCALE = ImageTransform("grayscale", lambda im: im.convert("L").convert("RGB"))
-TRANSFORMS = {t.name: t for t in (BLIND, GRAYSCALE)}
+SUBSET_STAGE = "baseline"            # the stage that fixes (and records) each profile's evaluation subset
 
 
 @dataclass(frozen=True)
@@ -105,6 +91,28 @@ def eval_subset(records: Sequence, n: int | None, seed: int = 0) -> list:
     return [records[i] for i in sorted(chosen)]
 
 
+def save_eval_subset(out_dir, omnispatial_dir, records: Sequence, seed: int) -> Path:
+    """Record the fixed evaluation subset (its folder and item keys, in order) in out_dir/eval_subset.json."""
+    return runs.write_json(Path(out_dir) / "eval_subset.json", {"omnispatial_dir": str(omnispatial_dir),
+                                                                "n": len(records), "seed": seed,
+                                                                "keys": [list(r.key) for r in records]})
+
+
+def eval_records(profile: str) -> list:
+    """The fixed evaluation subset of a profile (same items, same order), as the baseline stage recorded it: every
+    method evaluates on it, so numbers compare item for item."""
+    from spatialstudy.data import load_omnispatial
+
+    out = runs.require_run(profile, SUBSET_STAGE)
+    subset = runs.read_json(out / "eval_subset.json")
+    by_key = {r.key: r for r in load_omnispatial(subset["omnispatial_dir"])}
+    missing = [k for k in map(tuple, subset["keys"]) if k not in by_key]
+    if missing:
+        raise ValueError(f"{out}/eval_subset.json names {len(missing)} item(s) absent from {subset['omnispatial_dir']}"
+                         f", e.g. {missing[:2]}; re-run the {SUBSET_STAGE} stage after the data stage")
+    return [by_key[tuple(k)] for k in subset["keys"]]
+
+
 def load_image(record, transform: ImageTransform | None = None) -> Image.Image:
     """The record's RGB image, through `transform` when given (e.g. BLIND: a blank one of the same size)."""
     path = Path(record.image_path)
@@ -126,12 +134,6 @@ def build_messages(record, prompt_style: str = "manual_cot", transform: ImageTra
     return chat_messages(prompt, load_image(record, transform), demos=demos)
 
 
-def message_images(messages: list[dict]) -> list[Image.Image]:
-    """Every image in the messages, in the order the chat template places their tokens."""
-    return [c["image"] for m in messages if isinstance(m["content"], list)
-            for c in m["content"] if c.get("type") == "image"]
-
-
 # ---------------------------------------------------------------- identity of a run (what resuming trusts)
 def model_fingerprint(model) -> str:
     """Hash of the config and a slice of every weight: cheap even at 7B, changes when training changes weights."""
@@ -150,21 +152,6 @@ def processor_identity(processor) -> dict:
             "chat_template": hashlib.sha1(str(processor.chat_template).encode()).hexdigest()[:12]}
 
 
-def generation_config(model, processor, max_new_tokens: int):
-    """What generate() runs with: the checkpoint's own generation config (it may set e.g. a repetition penalty,
-    which greedy decoding still applies) under the harness's greedy settings, as generate() merges them."""
-    cfg = copy.deepcopy(model.generation_config)
-    cfg.update(max_new_tokens=max_new_tokens, pad_token_id=processor.tokenizer.pad_token_id, **GREEDY)
-    return cfg
-
-
-def generation_identity(model, processor, max_new_tokens: int) -> dict:
-    """The generation settings that differ from transformers' defaults, without bookkeeping fields (the library
-    version would split shards of one run across machines)."""
-    diff = generation_config(model, processor, max_new_tokens).to_diff_dict()
-    return {k: v for k, v in diff.items() if k not in ("transformers_version", "_from_model_config")}
-
-
 def eval_config(model, processor, settings: EvalSettings) -> dict:
     """Everything that changes an item's prediction; batch size and sharding deliberately excluded."""
     s = settings
@@ -172,34 +159,6 @@ def eval_config(model, processor, settings: EvalSettings) -> dict:
             "attn_implementation": model.config._attn_implementation, "processor": processor_identity(processor),
             "generation": generation_identity(model, processor, s.max_new_tokens), "prompt_style": s.prompt_style,
             "official_rule": official_rule(s.prompt_style), "transform": s.transform_name, "extra": s.config_extra}
-
-
-# ---------------------------------------------------------------- generation
-def _eos_ids(cfg) -> set[int]:
-    eos = cfg.eos_token_id
-    ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
-    return {i for i in ids | {cfg.pad_token_id} if i is not None}
-
-
-def _n_generated(seq: list[int], stop: set[int]) -> int:
-    """Generated tokens up to and including the first stop token (the rest is padding)."""
-    return next((i + 1 for i, t in enumerate(seq) if t in stop), len(seq))
-
-
-@torch.inference_mode()
-def generate_batch(model, processor, messages: list[list[dict]], max_new_tokens: int) -> list[dict]:
-    """Greedy, left-padded, KV-cached generation for a batch of chats -> [{raw, new_tokens, prompt_tokens}]."""
-    texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
-    images = [im for m in messages for im in message_images(m)]
-    inputs = processor(text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt")
-    inputs = inputs.to(model.device)
-    cfg = generation_config(model, processor, max_new_tokens)
-    out = model.generate(**inputs, generation_config=cfg)
-    new = out[:, inputs["input_ids"].shape[1]:].tolist()
-    raw = processor.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    stop, prompt_len = _eos_ids(cfg), inputs["attention_mask"].sum(1).tolist()
-    return [{"raw": r, "new_tokens": _n_generated(s, stop), "prompt_tokens": int(p)}
-            for r, s, p in zip(raw, new, prompt_len)]
 
 
 def image_key(record) -> str:
@@ -251,11 +210,11 @@ def longest_first(processor, records: Sequence, demos_fn: Callable | None = None
 
 
 # ---------------------------------------------------------------- cost
-def model_cost(model) -> dict:
-    """Total and trainable parameters (a 4-bit layer counts its packed storage, as bitsandbytes reports it)."""
-    params = list(model.parameters())
-    return {"params_total": sum(p.numel() for p in params),
-            "params_trainable": sum(p.numel() for p in params if p.requires_grad)}
+def _param_cost(model) -> dict:
+    from spatialstudy.models import count_params  # lazy: merging shards needs no transformers
+
+    n = count_params(model)
+    return {"params_total": n["total"], "params_trainable": n["trainable"]}
 
 
 def peak_memory_bytes(device) -> tuple[int, str]:
@@ -325,7 +284,7 @@ def evaluate(model, processor, records: Sequence, out_dir, settings: EvalSetting
     peak, peak_kind = peak_memory_bytes(next(model.parameters()).device)
     return {**summarize(rows), "config": config, "config_hash": chash, "predictions": str(path),
             "n_generated_now": len(todo),
-            "cost": {**model_cost(model), "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
+            "cost": {**_param_cost(model), "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
                      "tokens_per_s": gen_tokens / gen_time if gen_time else None,
                      "items_per_s": len(todo) / gen_time if gen_time else None, "batch_size": s.batch_size}}
 
@@ -339,6 +298,22 @@ def evaluate_with_controls(model, processor, records: Sequence, out_dir, setting
                            "blind": {k: blind[k] for k in ("n", *(f"accuracy_{s}" for s in SCORERS), "scorers",
                                                            "predictions")}}
     return metrics
+
+
+def evaluate_spec(spec, records: Sequence, out_dir, settings: EvalSettings, tier: str = "smoke") -> dict:
+    """Load a model spec as every evaluation does (bases.load_for_eval), evaluate it with the controls (resuming
+    from its prediction files), and free it before the next model loads."""
+    import gc
+
+    from spatialstudy.bases import load_for_eval  # lazy: importing the harness pulls in no pretraining
+
+    model, processor = load_for_eval(spec, tier=tier)
+    metrics = evaluate_with_controls(model, processor, records, out_dir, settings)
+    del model, processor
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"spec": str(spec), **metrics}
 
 
 # ---------------------------------------------------------------- command line
@@ -389,7 +364,7 @@ def _evaluate_distributed(args, records) -> dict | None:
     the others, so nobody waits forever."""
     import torch.distributed as dist
 
-    from spatialstudy.models import load_for_eval
+    from spatialstudy.bases import load_for_eval  # lazy: importing the harness pulls in no pretraining
 
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     device = f"cuda:{local}" if torch.cuda.is_available() else None
@@ -412,9 +387,9 @@ def _evaluate_distributed(args, records) -> dict | None:
 
 def main(argv=None) -> int:
     """CLI: evaluate one model (all of it, one shard, or every shard under torchrun) on a local OmniSpatial-format
-    folder, or merge shards. Loads models as the stages do (models.load_for_eval), so the results merge with theirs."""
+    folder, or merge shards. Loads models as the stages do (bases.load_for_eval), so the results merge with theirs."""
+    from spatialstudy.bases import load_for_eval  # lazy: importing the harness pulls in no pretraining
     from spatialstudy.data import load_omnispatial
-    from spatialstudy.models import load_for_eval
 
     ap = _parser()
     args = ap.parse_args(argv)

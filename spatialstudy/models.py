@@ -1,8 +1,9 @@
-"""Models: the image-only Qwen2.5-VL processor, the tiny student/teacher specs, and `load_model` for every kind.
+"""Models: the image-only Qwen2.5-VL processor, the tiny student/teacher specs, checkpoints and LoRA adapters.
 
-`load_model(spec)` takes a local checkpoint dir, a name already in the local Hugging Face cache, or a tiny spec
-("tiny-student", "tiny-teacher": pretrained bases, see pretrain.py; "tiny-student-random" etc.: same config, random
-weights, for fast tests). The tiny pair keeps the real 3B/7B pair's mismatches in miniature (see TINY_SPECS).
+`load_checkpoint(spec)` takes a local checkpoint dir or a name already in the local Hugging Face cache. Tiny specs
+("tiny-student", "tiny-teacher": pretrained bases; "tiny-student-random" etc.: same config, random weights, for fast
+tests) need pretraining, which sits above this module: load any spec with `spatialstudy.bases.load_model`. The tiny
+pair keeps the real 3B/7B pair's mismatches in miniature (see TINY_SPECS).
 """
 from __future__ import annotations
 
@@ -19,10 +20,8 @@ from transformers.processing_utils import ProcessorMixin
 from spatialstudy.tokenizer import CHAT_TEMPLATE
 
 TINY_PIXELS = 112 * 112  # 112 px -> 8x8 patches -> 16 image tokens; the learnability spike's working size
-TINY_TIERS = ("ci", "smoke", "full")
 REAL_MIN_PIXELS = 256 * 28 * 28   # lmms-eval's Qwen2.5-VL pixel caps: fixed, so runs stay comparable
 REAL_MAX_PIXELS = 2048 * 28 * 28
-PROFILE_TO_TIER = {"ci": "ci", "smoke": "smoke", "full": "full", "full-repro": "full"}
 
 
 class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
@@ -154,7 +153,8 @@ def spec_summary(name: str) -> dict:
 
 
 def count_params(model) -> dict[str, int]:
-    """Total and trainable parameters (tied embeddings counted once)."""
+    """Total and trainable parameters (tied embeddings counted once; a 4-bit layer counts its packed storage, as
+    bitsandbytes reports it)."""
     params = {id(p): p for p in model.parameters()}.values()
     return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}
 
@@ -228,20 +228,12 @@ def load_processor(path: Path, min_pixels: int | None = None, max_pixels: int | 
     return make_processor(tok, min_pixels or lo, max_pixels or hi, image_processor=ip)
 
 
-def load_model(spec, *, dtype=None, device_map=None, attn_implementation=None, quantize_4bit=False,
-               min_pixels=None, max_pixels=None, tier: str = "smoke", seed: int = 0):
-    """(model, processor) for a checkpoint dir, a locally cached hub name, or a tiny spec (pretrained at `tier`)."""
-    tiny = parse_tiny(str(spec))
-    if tiny and tiny[1]:
-        from spatialstudy.pretrain import base_tokenizer
-
-        model = build_tiny(tiny[0], base_tokenizer(), seed=seed, attn_implementation=attn_implementation or "sdpa")
-        proc = make_processor(base_tokenizer(), min_pixels or TINY_PIXELS, max_pixels or TINY_PIXELS)
-        return model.to(dtype) if dtype else model, proc
-    if tiny:
-        from spatialstudy.pretrain import pretrain_base
-
-        spec = pretrain_base(tiny[0], PROFILE_TO_TIER.get(tier, tier), seed=seed)
+def load_checkpoint(spec, *, dtype=None, device_map=None, attn_implementation=None, quantize_4bit=False,
+                    min_pixels=None, max_pixels=None):
+    """(model, processor) of a checkpoint dir or a locally cached hub name. Tiny specs are not checkpoints until
+    pretrained: load those with spatialstudy.bases.load_model."""
+    if parse_tiny(str(spec)):
+        raise ValueError(f"{spec!r} is a tiny spec: load it with spatialstudy.bases.load_model (it pretrains the base)")
     path = resolve_checkpoint(spec)
     kw = dict(dtype=dtype or "auto", attn_implementation=attn_implementation)
     if device_map is not None:
@@ -255,14 +247,29 @@ def load_model(spec, *, dtype=None, device_map=None, attn_implementation=None, q
     return model.eval(), load_processor(path, min_pixels, max_pixels)
 
 
-def load_for_eval(spec, *, tier: str = "smoke", device=None):
-    """(model, processor) as every evaluation loads them (stages and the eval CLI alike), so that their runs share
-    config hashes and shards merge with stage results: a tiny spec as pretrained at `tier`; anything else in bf16
-    on CUDA (fp32 on the CPU) at lmms-eval's fixed pixel caps, on `device` (e.g. "cuda:1") or spread by "auto"."""
-    if parse_tiny(str(spec)):
-        model, processor = load_model(spec, tier=tier)
-        return (model.to(device) if device else model), processor
+def load_checkpoint_for_eval(spec, *, device=None):
+    """A checkpoint as every evaluation loads it: bf16 on CUDA (fp32 on the CPU) at lmms-eval's fixed pixel caps,
+    on `device` (e.g. "cuda:1") or spread by "auto"."""
     cuda = torch.cuda.is_available()
-    return load_model(spec, dtype=torch.bfloat16 if cuda else torch.float32,
-                      device_map=device or ("auto" if cuda else None), min_pixels=REAL_MIN_PIXELS,
-                      max_pixels=REAL_MAX_PIXELS)
+    return load_checkpoint(spec, dtype=torch.bfloat16 if cuda else torch.float32,
+                           device_map=device or ("auto" if cuda else None), min_pixels=REAL_MIN_PIXELS,
+                           max_pixels=REAL_MAX_PIXELS)
+
+
+# ---------------------------------------------------------------- LoRA adapters
+def save_adapter(model, adapter_dir) -> Path:
+    """Write a peft model's adapter (its LoRA weights and config, not the base) to `adapter_dir`."""
+    model.save_pretrained(adapter_dir)
+    return Path(adapter_dir)
+
+
+def load_adapter(spec_or_model, adapter_dir, *, trainable: bool = False, **load_kw):
+    """The base with the adapter in `adapter_dir` on top (a peft model): `spec_or_model` is a loaded base (a tiny
+    one from spatialstudy.bases.load_model) or a checkpoint for load_checkpoint(spec, **load_kw). `trainable`
+    keeps the adapter's weights trainable (to go on fine-tuning); otherwise they are frozen, for inference."""
+    from peft import PeftModel
+
+    base = spec_or_model
+    if isinstance(spec_or_model, (str, os.PathLike)):
+        base = load_checkpoint(spec_or_model, **load_kw)[0]
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)

@@ -13,20 +13,20 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from spatialstudy import runs
+from spatialstudy.chat import collate
+from spatialstudy.generation import generate_batch
 from spatialstudy.models import TINY_PIXELS, TINY_SPECS, build_tiny, count_params, make_processor, spec_summary
+from spatialstudy.scoring import LETTERS, extract_answer
+from spatialstudy.transforms import BLIND
 
-LETTERS = "ABCD"
-BLANK_RGB = (128, 128, 128)  # the blind control's image: uniform grey, same size
 CKPT_EVERY = 100           # steps between resumable checkpoints of a run in progress
 POOL_COLOUR_FREE = 0.5     # share of pretraining questions naming objects by shape/size only, as in the benchmark
                            # (measured: a colour-named-only pool left the benchmark's shape-named half near chance)
@@ -65,14 +65,14 @@ TIERS = {
                                         single_object=0.5),
     ("teacher", "ci"): PretrainSettings(steps=8, batch_size=4, lr=2e-3, n_scenes=8, per_scene=2, warmup=2,
                                         single_object=0.5),
-    # smoke (recipe 4): one question per image, 32 images per step, half the scenes single-object, half the questions
-    # shape-named. Measured (2026-11-27, 1 thread, 200 held-out base items, teacher-forced letter; see
-    # reports/pretraining_targets.md): the student reaches 38% at 400 steps (one-object items 98%), the teacher 38.5%
-    # at 200 and 37.5% at 400 (one-object 100% from step 300); the steps fit the ~5 minute budget for both.
-    ("student", "smoke"): PretrainSettings(steps=400, batch_size=32, lr=5e-4, n_scenes=2400, per_scene=1,
-                                           icl_fraction=0.1, max_shots=2, eval_items=200, single_object=0.5),
-    ("teacher", "smoke"): PretrainSettings(steps=450, batch_size=32, lr=5e-4, n_scenes=2400, per_scene=1,
-                                           icl_fraction=0.1, max_shots=2, eval_items=200, single_object=0.5),
+    # smoke (recipe 5): one question per image, 32 images per step, half the scenes single-object, half the questions
+    # shape-named, base families in their fixed option order, few-shot batches of 0-5 demos; the teacher (the larger
+    # model trained on more) takes 2.4x the student's steps, cached once per machine. Measured (2026-12-02,
+    # reports/pretraining_targets.md): reading shuffled options did not emerge within the smoke budget.
+    ("student", "smoke"): PretrainSettings(steps=500, batch_size=32, lr=5e-4, n_scenes=2400, per_scene=1,
+                                           icl_fraction=0.1, max_shots=5, eval_items=200, single_object=0.5),
+    ("teacher", "smoke"): PretrainSettings(steps=1200, batch_size=32, lr=5e-4, n_scenes=2400, per_scene=1,
+                                           icl_fraction=0.1, max_shots=5, eval_items=200, single_object=0.5),
     ("student", "full"): PretrainSettings(steps=3000, batch_size=32, lr=5e-4, n_scenes=6000, per_scene=1,
                                           icl_fraction=0.2, eval_items=600, single_object=0.5),
     ("teacher", "full"): PretrainSettings(steps=4000, batch_size=32, lr=5e-4, n_scenes=6000, per_scene=1,
@@ -82,7 +82,7 @@ TIERS = {
 
 # ---------------------------------------------------------------- data
 def _data():
-    """The data layer (imported lazily: models must import without it)."""
+    """The data layer (imported lazily: loading a checkpoint through spatialstudy.bases needs none of it)."""
     import spatialstudy.data as data
     from spatialstudy.data import prompts
 
@@ -172,15 +172,14 @@ def view(item, rng: random.Random, fixed: bool, fewer: float):
 
 def _turn(item, style: str, with_image: bool, prompts, bare: bool = False) -> dict:
     """A user turn: the official prompt, or (`bare`, for demos) only the question and lettered options."""
-    text = prompts.omnispatial_prompt(item.question, item.options, style=style)
-    if bare:
-        text = item.question + "".join(f"\n{c}. {o}" for c, o in zip(LETTERS, item.options))
-    content = ([{"type": "image", "image": item.image}] if with_image else []) + [{"type": "text", "text": text}]
-    return {"role": "user", "content": content}
+    text = (prompts.lettered(item.question, item.options) if bare
+            else prompts.omnispatial_prompt(item.question, item.options, style=style))
+    return prompts.user_turn(text, item.image if with_image else None)
 
 
 def _answer(item, style: str, say_option: bool = False) -> dict:
-    return {"role": "assistant", "content": [{"type": "text", "text": target(item, style, say_option)}]}
+    _, prompts = _data()
+    return prompts.assistant_turn(target(item, style, say_option))
 
 
 def drill(item):
@@ -212,42 +211,13 @@ def episode(pool: list[list], rng: random.Random, s: PretrainSettings, few_shot:
     return msgs, [m["content"][0]["image"] for m in msgs if m["role"] == "user" and m["content"][0]["type"] == "image"]
 
 
-def answer_labels(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
-    """Labels that keep only assistant-turn tokens (answer + <|im_end|>), -100 elsewhere."""
-    header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    labels = torch.full_like(input_ids, -100)
-    ids, n = input_ids.tolist(), len(header)
-    i = 0
-    while i < len(ids):
-        if ids[i:i + n] == header:
-            j = i + n
-            while j < len(ids) and ids[j] != end:
-                j += 1
-            labels[i + n:j + 1] = input_ids[i + n:j + 1]
-            i = j
-        i += 1
-    return labels
-
-
-def collate(episodes: list[tuple[list[dict], list]], processor) -> dict:
-    """Tokenise episodes with the real processor (right padding) and mask everything but the answers."""
-    texts = [processor.apply_chat_template(m, tokenize=False) for m, _ in episodes]
-    images = [im for _, ims in episodes for im in ims]
-    processor.tokenizer.padding_side = "right"
-    batch = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
-    labels = torch.stack([answer_labels(row, processor.tokenizer) for row in batch["input_ids"]])
-    batch["labels"] = labels.masked_fill(batch["attention_mask"] == 0, -100)
-    return dict(batch)
-
-
 # ---------------------------------------------------------------- training
 def cache_key(name: str, tier: str, seed: int, settings: PretrainSettings) -> dict:
     """Everything a pretrained base depends on."""
     tok = base_tokenizer()
     vocab_hash = hashlib.sha1(json.dumps(tok.get_vocab(), sort_keys=True).encode()).hexdigest()[:12]
     return {"spec": spec_summary(name), "tokenizer": vocab_hash, "generator": generator_version(), "seed": seed,
-            "settings": dataclasses.asdict(settings), "pixels": TINY_PIXELS, "tier": tier, "recipe": 4,
+            "settings": dataclasses.asdict(settings), "pixels": TINY_PIXELS, "tier": tier, "recipe": 5,
             "pool_colour_free": POOL_COLOUR_FREE}
 
 
@@ -331,7 +301,7 @@ def pretrain_base(name: str, tier: str = "smoke", seed: int = 0, settings: Pretr
     return out
 
 
-# ---------------------------------------------------------------- measurement (the eval helper owns the harness)
+# ---------------------------------------------------------------- measurement (the harness's generation and scorer)
 def heldout_items(n: int, seed: int = 0) -> list:
     """Held-out procedural OmniSpatial-format items in the benchmark's partition shares (half base families), from
     their own stream (never the pool's, the SpaceThinker sets' or the benchmark's)."""
@@ -341,52 +311,32 @@ def heldout_items(n: int, seed: int = 0) -> list:
                            role="pretrain_heldout")
 
 
-def letter_ids(tokenizer, style: str) -> list[int]:
-    """The token id of each answer letter as it follows "Answer:" (" A") or opens a direct answer ("A")."""
-    ids = []
-    for c in LETTERS:
-        toks = tokenizer(c if style == "direct" else f" {c}", add_special_tokens=False)["input_ids"]
-        if len(toks) != 1:
-            raise ValueError(f"answer letter {c!r} is {len(toks)} tokens in this tokenizer; expected one")
-        ids.append(toks[0])
-    return ids
-
-
-ANSWER_RE = re.compile(r"Answer\s*:\s*([A-D])\b", re.IGNORECASE)  # the official OmniSpatial extraction rule
-
-
-def official_letter(text: str) -> str:
-    """The official rule: last "Answer: X" match, "A" when there is none (the eval helper owns the full scorer)."""
-    found = ANSWER_RE.findall(text)
-    return found[-1] if found else "A"
-
-
-@torch.no_grad()
-def generate_answers(model, processor, items, style: str = "manual_cot", blind: bool = False,
-                     max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 32) -> list[str]:
-    """Greedy answers to single-turn official prompts (left padding, KV cache)."""
+def answers(model, processor, items, style: str = "manual_cot", blind: bool = False,
+            batch_size: int = 32) -> list[str]:
+    """Replies to single-turn official prompts, generated by the harness's greedy decoding; `blind` shows each
+    item's image through the harness's blind control."""
     _, prompts = _data()
     out = []
     for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
-        imgs = [Image.new("RGB", it.image.size, BLANK_RGB) if blind else it.image for it in chunk]
-        texts = [processor.apply_chat_template([_turn(it, style, True, prompts)], tokenize=False,
-                                               add_generation_prompt=True) for it in chunk]
-        processor.tokenizer.padding_side = "left"
-        batch = processor(text=texts, images=imgs, return_tensors="pt", padding=True)
-        gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=processor.tokenizer.pad_token_id)
-        out += processor.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        msgs = [prompts.chat_messages(prompts.omnispatial_prompt(it.question, it.options, style=style),
+                                      BLIND.fn(it.image) if blind else it.image) for it in items[i:i + batch_size]]
+        out += [g["raw"] for g in generate_batch(model, processor, msgs, MAX_NEW_TOKENS)]
     return out
 
 
+def letter_index(text: str, options, style: str = "manual_cot") -> int:
+    """The official scorer's letter as an option index; -1 for anything that is not one of A-D."""
+    letter, _ = extract_answer(text, "official", options, prompt_style=style)
+    return LETTERS.find(letter) if len(letter) == 1 else -1   # case kept: "a" is no answer, as in the benchmark
+
+
 def measure(model, processor, items, style: str = "manual_cot") -> dict:
-    """Held-out letter accuracy (official rule) with and without the image, overall and per partition."""
+    """Held-out letter accuracy (official scorer) with and without the image, overall and per partition."""
     truth = torch.tensor([it.answer for it in items])
     res = {"n": len(items), "chance": sum(1 / len(it.options) for it in items) / len(items), "style": style}
     for tag, blind in (("acc", False), ("blind_acc", True)):
-        texts = generate_answers(model, processor, items, style, blind)
-        pred = torch.tensor([LETTERS.find(official_letter(t)) for t in texts])   # -1: a lower-case letter
+        texts = answers(model, processor, items, style, blind)
+        pred = torch.tensor([letter_index(t, it.options, style) for t, it in zip(texts, items)])
         res[tag] = (pred == truth).float().mean().item()
         for part in sorted({str(it.partition) for it in items}):
             mask = torch.tensor([str(it.partition) == part for it in items])

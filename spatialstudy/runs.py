@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import random
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -114,15 +116,15 @@ def require_run(profile: str, name: str) -> Path:
     """The run dir of an earlier stage; at the ci tier a missing one is built, elsewhere the error names the command."""
     if is_done(profile, name):
         return run_dir(profile, name)
+    command = [sys.executable, "-m", "spatialstudy.run", "--profile", profile, "--only", name]
     if profile == "ci":
-        from spatialstudy.run import run_stage  # lazy: the runner sits above every layer
-
-        run_stage(name, "ci")
-        if is_done(profile, name):
+        # the runner's command line, not an import of it: the runner sits above every layer, this module below
+        if subprocess.run(command).returncode == 0 and is_done(profile, name):
             return run_dir(profile, name)
+        raise RuntimeError(f"building the missing ci run {name!r} failed (see above): {' '.join(command[1:])}")
     raise FileNotFoundError(
         f"run {name!r} of profile {profile!r} is missing (no runs/{profile}/{name}/metrics.json). "
-        f"Produce it with: python -m spatialstudy.run --profile {profile} --only {name}")
+        f"Produce it with: python {' '.join(command[1:])}")
 
 
 def seed_everything(seed: int) -> None:

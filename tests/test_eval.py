@@ -10,9 +10,11 @@ import torch
 from spatialstudy import eval as ev
 from spatialstudy import runs
 from spatialstudy.data import load_omnispatial, write_omnispatial
-from spatialstudy.models import load_model
+from spatialstudy.bases import load_model
+from spatialstudy.generation import message_images
 from spatialstudy.predictions import predictions_path, read_predictions
 from spatialstudy.scoring import in_headline
+from spatialstudy.transforms import BLANK_RGB
 
 N_ITEMS = 12
 MAX_NEW = 6
@@ -86,7 +88,7 @@ def test_direct_style_and_blind_image(records):
     assert "only need to respond with A, B, C, or D" in direct
     image = _query_content(ev.build_messages(rec, transform=ev.BLIND))[0]["image"]
     real = ev.load_image(rec)
-    assert image.size == real.size and image.getextrema() == tuple((v, v) for v in ev.BLANK_RGB)
+    assert image.size == real.size and image.getextrema() == tuple((v, v) for v in BLANK_RGB)
     with pytest.raises(ValueError, match="prompt_style"):
         ev.build_messages(rec, "cot")
 
@@ -234,7 +236,7 @@ def test_icl_demos_enter_the_prompt_and_the_hash(tiny, records, tmp_path):
     demo = (ev.load_image(records[0]), records[0].question, "Answer: " + records[0].letter)
     msgs = ev.build_messages(records[1], demos=[demo, demo])
     assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant", "user"]
-    assert len(ev.message_images(msgs)) == 3
+    assert len(message_images(msgs)) == 3
     plain = run(tiny, records[:4], tmp_path / "plain")
     icl = run(tiny, records[:4], tmp_path / "icl", demos_fn=lambda r: [demo], config_extra={"k": 1})
     assert icl["n"] == 4 and icl["config_hash"] != plain["config_hash"]

@@ -11,7 +11,8 @@ import torch
 
 from spatialstudy import eval as ev
 from spatialstudy.data import load_omnispatial, write_omnispatial
-from spatialstudy.models import REAL_MAX_PIXELS, REAL_MIN_PIXELS, TINY_PIXELS, load_for_eval, load_model, pixel_budget
+from spatialstudy.bases import load_for_eval, load_model
+from spatialstudy.models import REAL_MAX_PIXELS, REAL_MIN_PIXELS, TINY_PIXELS, pixel_budget
 from spatialstudy.predictions import read_predictions
 
 SCRAMBLE_STD = 0.3  # random init at 0.02 repeats one token for every input; bigger weights make outputs input-dependent

@@ -1,4 +1,4 @@
-"""Tiny Qwen2.5-VL models, the image-only processor, tokenizers, loading (incl. 4-bit on CPU)."""
+"""Tiny Qwen2.5-VL models, the image-only processor, tokenizers, loading (incl. 4-bit on CPU), LoRA adapters."""
 import os
 
 import pytest
@@ -8,6 +8,7 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from spatialstudy import models  # noqa: E402
+from spatialstudy.bases import load_model  # noqa: E402
 from spatialstudy.pretrain import base_tokenizer  # noqa: E402
 
 
@@ -59,12 +60,40 @@ def test_build_save_reload_identical_logits(tmp_path, tok, proc):
     batch = _inputs(proc)
     model.save_pretrained(tmp_path)
     proc.save_pretrained(tmp_path)
-    loaded, proc2 = models.load_model(tmp_path, attn_implementation="eager")
+    loaded, proc2 = models.load_checkpoint(tmp_path, attn_implementation="eager")
     again = _inputs(proc2)
     assert torch.equal(batch["input_ids"], again["input_ids"])
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, loaded(**again).logits)
     assert type(proc2).__name__ == "ImageOnlyQwen2_5_VLProcessor"
+
+
+def test_adapter_save_and_load_round_trip(tmp_path, tok, proc):
+    """A LoRA adapter saved alone loads back onto the base, from a loaded model or from the base's checkpoint dir,
+    and gives the adapted model's logits exactly."""
+    from peft import LoraConfig, get_peft_model
+
+    base = models.build_tiny("student", tok, attn_implementation="eager").eval()
+    base.save_pretrained(tmp_path / "base")
+    proc.save_pretrained(tmp_path / "base")
+    batch = _inputs(proc)
+    with torch.no_grad():
+        plain = base(**batch).logits
+        tuned = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])).eval()
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:  # LoRA starts as a no-op (B = 0): give it an effect to round-trip
+                p.normal_(std=0.5)
+        want = tuned(**batch).logits
+    assert not torch.allclose(want, plain)
+    models.save_adapter(tuned, tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / "model.safetensors").exists(), "only the adapter is saved, not the base"
+    fresh = models.build_tiny("student", tok, attn_implementation="eager").eval()
+    from_model = models.load_adapter(fresh, tmp_path / "adapter")
+    from_dir = models.load_adapter(tmp_path / "base", tmp_path / "adapter", attn_implementation="eager")
+    with torch.no_grad():
+        for loaded in (from_model, from_dir):
+            assert torch.equal(loaded(**batch).logits, want)
+    assert not any(p.requires_grad for p in from_dir.parameters()), "loaded for inference: frozen"
 
 
 def test_processor_round_trip_through_autoprocessor(tmp_path, proc):
@@ -77,7 +106,7 @@ def test_processor_round_trip_through_autoprocessor(tmp_path, proc):
 
 
 def test_random_spec_and_eager_attentions():
-    model, proc = models.load_model("tiny-teacher-random", attn_implementation="eager")
+    model, proc = load_model("tiny-teacher-random", attn_implementation="eager")
     out = model(**_inputs(proc), output_attentions=True)
     spec = models.TINY_SPECS["teacher"]
     assert len(out.attentions) == spec.layers and out.attentions[0].shape[1] == spec.heads
@@ -97,14 +126,16 @@ def test_unknown_specs_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         models.resolve_checkpoint(tmp_path)
     with pytest.raises(KeyError, match="tiny-"):
-        models.load_model("tiny-giant")
+        load_model("tiny-giant")
+    with pytest.raises(ValueError, match="bases.load_model"):
+        models.load_checkpoint("tiny-student")
 
 
 def test_4bit_load_on_cpu(tmp_path, tok, proc):
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed (pip install 'spatialstudy[quant]')")
     models.build_tiny("student", tok).save_pretrained(tmp_path)
     proc.save_pretrained(tmp_path)
-    model, proc2 = models.load_model(tmp_path, quantize_4bit=True)
+    model, proc2 = models.load_checkpoint(tmp_path, quantize_4bit=True)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(m.support_avx512bf16_for_cpu is False for m in layers)
     with torch.no_grad():

@@ -9,7 +9,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from spatialstudy import pretrain  # noqa: E402
-from spatialstudy.models import load_model, make_processor  # noqa: E402
+from spatialstudy.bases import load_model  # noqa: E402
+from spatialstudy.chat import collate  # noqa: E402
+from spatialstudy.models import make_processor  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def test_labels_cover_only_assistant_answers(proc):
     s = dataclasses.replace(pretrain.TIERS[("student", "ci")], icl_fraction=0.5, direct_fraction=0.5)
     pool, rng = _pool(s), random.Random(3)
     episodes = [pretrain.episode(pool, rng, s, few_shot=k % 2 == 0) for k in range(12)]
-    batch = pretrain.collate(episodes, proc)
+    batch = collate(episodes, proc)
     tok = proc.tokenizer
     for (msgs, images), ids, labels in zip(episodes, batch["input_ids"], batch["labels"]):
         answers = [m["content"][0]["text"] for m in msgs if m["role"] == "assistant"]
@@ -62,8 +64,10 @@ def test_labels_cover_only_assistant_answers(proc):
 
 
 def test_letter_tokens_are_single(proc):
-    assert len(set(pretrain.letter_ids(proc.tokenizer, "manual_cot"))) == 4
-    assert len(set(pretrain.letter_ids(proc.tokenizer, "direct"))) == 4
+    """Each answer letter is one token, after "Answer:" (" A") and as a direct answer ("A")."""
+    for letters in (" A", " B", " C", " D"), ("A", "B", "C", "D"):
+        ids = [proc.tokenizer(c, add_special_tokens=False)["input_ids"] for c in letters]
+        assert all(len(i) == 1 for i in ids) and len({i[0] for i in ids}) == 4
 
 
 def test_cache_hit_miss_and_load(cache_root):

@@ -24,7 +24,11 @@ DIRECT_FORMAT = ("\nNote: You only need to respond with A, B, C, or D without pr
 SYS_PROMPTS = {"manual_cot": MANUAL_COT_SYSTEM_PROMPT}
 FORMAT_PROMPTS = {"re": RE_FORMAT, "direct": DIRECT_FORMAT}
 STYLES = {"manual_cot": ("manual_cot", "re"), "direct": ("manual_cot", "direct")}   # style -> (prompt, eval type)
-ANSWER_PATTERN = r"Answer\s*:\s*([A-D])\b"          # the official extraction regex (re.IGNORECASE, last match)
+
+
+def lettered(question: str, options) -> str:
+    """The question then one "\\nA. option" line per option (nothing more when the options are in the image)."""
+    return question + "".join(f"\n{chr(65 + i)}. {opt}" for i, opt in enumerate(options or ()))
 
 
 def omnispatial_prompt(question: str, options, style: str = "manual_cot") -> str:
@@ -33,14 +37,17 @@ def omnispatial_prompt(question: str, options, style: str = "manual_cot") -> str
     if style not in STYLES:
         raise ValueError(f"style must be one of {sorted(STYLES)}, got {style!r}")
     p, e = STYLES[style]
-    text = SYS_PROMPTS[p] + "\n" + FORMAT_PROMPTS[e] + "\n\n" + question
-    for i, opt in enumerate(options or ()):
-        text += f"\n{chr(65 + i)}. {opt}"
-    return text
+    return SYS_PROMPTS[p] + "\n" + FORMAT_PROMPTS[e] + "\n\n" + lettered(question, options)
 
 
-def _user(image, text: str) -> dict:
-    return {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}
+def user_turn(text: str, image=None) -> dict:
+    """A user turn: [image, text], or [text] alone (a follow-up question on an image already shown, a drill)."""
+    content = ([{"type": "image", "image": image}] if image is not None else []) + [{"type": "text", "text": text}]
+    return {"role": "user", "content": content}
+
+
+def assistant_turn(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
 def _demo_parts(demo):
@@ -57,5 +64,5 @@ def chat_messages(prompt: str, image, demos=()) -> list[dict]:
     msgs = []
     for demo in demos:
         d_img, d_q, d_a = _demo_parts(demo)
-        msgs += [_user(d_img, d_q), {"role": "assistant", "content": [{"type": "text", "text": d_a}]}]
-    return msgs + [_user(image, prompt)]
+        msgs += [user_turn(d_q, d_img), assistant_turn(d_a)]
+    return msgs + [user_turn(prompt, image)]
