@@ -4,7 +4,7 @@
     python benchmarks/eval_throughput.py --random --n 48    # random-weight tiny models: no pretraining needed
 
 Writes reports/benchmarks/eval_throughput.{json,md}. Both modes run the same items through the same
-`spatialstudy.eval.evaluate`, into fresh prediction files, and must produce identical answers.
+`spatialstudy.evaluation.eval.evaluate`, into fresh prediction files, and must produce identical answers.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import torch
 
 from spatialstudy import runs
 from spatialstudy.data import load_omnispatial, write_omnispatial
-from spatialstudy.eval import EvalSettings, evaluate
-from spatialstudy.bases import load_model
-from spatialstudy.predictions import read_predictions
+from spatialstudy.evaluation.eval import EvalSettings, evaluate
+from spatialstudy.evaluation.predictions import read_predictions
+from spatialstudy.models.bases import load_model
 
 DATA_SEED = 123
 DEFAULT_THREADS = 1  # OpenMP threads spin-wait on a shared busy core: 1 thread gives stable numbers on a shared box

@@ -22,7 +22,7 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from spatialstudy.models import REAL_TOKEN_IDS, real_config  # noqa: E402
+from spatialstudy.models.qwen import REAL_TOKEN_IDS, real_config  # noqa: E402
 
 # Median text tokens of the official manual-CoT prompt (system text + question + lettered options + format line)
 # over 200 generated benchmark items, counted with the real Qwen2.5 tokenizer: 291 (273-334), plus chat markup.

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/pretrain_curve.py student --steps 600 --lr 5e-4
 
-Runs spatialstudy.pretrain.train itself (same pool, batches, schedule and optimiser as the smoke tier, with steps
+Runs spatialstudy.models.pretrain.train itself (same pool, batches, schedule and optimiser as the smoke tier, with steps
 and lr overridden; nothing is cached). Every --every steps it scores 200 held-out base-partition items by the
 teacher-forced argmax over the four letters after "Answer:", with the image and blind (grey image), per family and
 naming (colour- or shape-named), plus 100 one-object image-quadrant items ("single", with the share of answers
@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from spatialstudy import pretrain as P  # noqa: E402
+from spatialstudy.models import pretrain as P  # noqa: E402
 from spatialstudy.data import make_items  # noqa: E402
 from spatialstudy.data.streams import role_seed  # noqa: E402
-from spatialstudy.models import build_tiny, make_processor  # noqa: E402
+from spatialstudy.models.qwen import build_tiny, make_processor  # noqa: E402
 
 N_HELDOUT = 200
 N_SINGLE = 100

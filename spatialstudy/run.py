@@ -27,7 +27,7 @@ from spatialstudy import runs
 
 NOTEBOOK_RE = re.compile(r"^(\d\d)_[a-z0-9_]+\.ipynb$")
 # stage name -> (the stage it runs after, "module:function(profile, params)")
-PY_STAGES = {"baseline": ("01_data", "spatialstudy.baseline:main")}
+PY_STAGES = {"baseline": ("01_data", "spatialstudy.methods.baseline:main")}
 KERNEL = "python3"  # the kernel of the running interpreter: papermill run from the venv stays in the venv
 
 

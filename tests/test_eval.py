@@ -7,14 +7,14 @@ from collections import Counter
 import pytest
 import torch
 
-from spatialstudy import eval as ev
 from spatialstudy import runs
 from spatialstudy.data import load_omnispatial, write_omnispatial
-from spatialstudy.bases import load_model
-from spatialstudy.generation import message_images
-from spatialstudy.predictions import predictions_path, read_predictions
+from spatialstudy.evaluation import eval as ev
+from spatialstudy.evaluation.predictions import predictions_path, read_predictions
+from spatialstudy.models.bases import load_model
+from spatialstudy.models.generation import message_images
+from spatialstudy.models.transforms import BLANK_RGB
 from spatialstudy.scoring import in_headline
-from spatialstudy.transforms import BLANK_RGB
 
 N_ITEMS = 12
 MAX_NEW = 6

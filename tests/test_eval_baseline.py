@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from spatialstudy import runs
-from spatialstudy.baseline import BaselineConfig, chance_accuracy, main, run_baseline, summary_table
 from spatialstudy.data import load_omnispatial, write_omnispatial
-from spatialstudy.eval import eval_records
-from spatialstudy.predictions import read_predictions
+from spatialstudy.evaluation.eval import eval_records
+from spatialstudy.evaluation.predictions import read_predictions
+from spatialstudy.methods.baseline import BaselineConfig, chance_accuracy, main, run_baseline, summary_table
 from spatialstudy.scoring import headline_rows, in_headline, paired_difference
 
 N_ITEMS, N_EVAL = 16, 8

@@ -9,11 +9,11 @@ from collections import Counter
 import pytest
 import torch
 
-from spatialstudy import eval as ev
 from spatialstudy.data import load_omnispatial, write_omnispatial
-from spatialstudy.bases import load_for_eval, load_model
-from spatialstudy.models import REAL_MAX_PIXELS, REAL_MIN_PIXELS, TINY_PIXELS, pixel_budget
-from spatialstudy.predictions import read_predictions
+from spatialstudy.evaluation import eval as ev
+from spatialstudy.evaluation.predictions import read_predictions
+from spatialstudy.models.bases import load_for_eval, load_model
+from spatialstudy.models.qwen import REAL_MAX_PIXELS, REAL_MIN_PIXELS, TINY_PIXELS, pixel_budget
 
 SCRAMBLE_STD = 0.3  # random init at 0.02 repeats one token for every input; bigger weights make outputs input-dependent
 N_ITEMS = 12
@@ -74,7 +74,7 @@ def test_torchrun_shards_merge_to_the_single_process_result(checkpoint, tmp_path
     single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "spatialstudy.eval", *common, "--out", str(tmp_path / "dist"), "--distributed"]
+           "spatialstudy.evaluation.eval", *common, "--out", str(tmp_path / "dist"), "--distributed"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     merged = json.loads(done.stdout.strip().splitlines()[-1])  # rank 0 alone prints, after merging

@@ -1,4 +1,5 @@
-"""The package's import graph (module-level and function-level imports alike) has no cycle."""
+"""The package's import graph (module-level and function-level imports alike) has no cycle, and its layers import
+only downwards: data <- models <- evaluation <- methods, so the folder listing shows which way imports flow."""
 import ast
 from pathlib import Path
 
@@ -65,11 +66,60 @@ def test_the_finder_names_a_cycle():
 
 
 def test_function_level_imports_are_edges_too():
-    tree = ast.parse("def f():\n    from spatialstudy import runs\n    import spatialstudy.models\n")
-    mods = {"spatialstudy.runs", "spatialstudy.models", "spatialstudy.x"}
-    assert _targets(tree, "spatialstudy.x", False, mods) == {"spatialstudy.runs", "spatialstudy.models"}
+    tree = ast.parse("def f():\n    from spatialstudy import runs\n    import spatialstudy.models.qwen\n")
+    mods = {"spatialstudy.runs", "spatialstudy.models.qwen", "spatialstudy.x"}
+    assert _targets(tree, "spatialstudy.x", False, mods) == {"spatialstudy.runs", "spatialstudy.models.qwen"}
 
 
 def test_no_import_cycles():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# Each layer (a sub-package) may import only from the layers listed before it and from the shared top-level modules.
+LAYERS = ["spatialstudy.data", "spatialstudy.models", "spatialstudy.evaluation", "spatialstudy.methods"]
+# Top-level modules every layer may use; they import no layer themselves (run.py, the runner, reaches the methods
+# through PY_STAGES strings, not imports).
+SHARED = ["spatialstudy.runs", "spatialstudy.scoring", "spatialstudy.plotting", "spatialstudy.configs"]
+
+
+def _layer(module: str) -> str | None:
+    return next((layer for layer in LAYERS if module == layer or module.startswith(layer + ".")), None)
+
+
+def layering_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Edges that go up a layer (or sideways from a shared top-level module into a layer)."""
+    bad = []
+    for m, targets in sorted(graph.items()):
+        here = _layer(m)
+        if here is None and m not in SHARED:
+            continue  # spatialstudy, spatialstudy.run: above everything
+        allowed = LAYERS[: LAYERS.index(here) + 1] if here else []
+        bad += [f"{m} -> {t}" for t in sorted(targets) if _layer(t) is not None and _layer(t) not in allowed]
+    return bad
+
+
+def test_every_module_is_walked():
+    graph = import_graph()
+    assert {"spatialstudy.models.qwen", "spatialstudy.evaluation.eval", "spatialstudy.methods.baseline",
+            "spatialstudy.data.generator", "spatialstudy.run"} <= set(graph)
+    assert "spatialstudy.models.bases" in graph["spatialstudy.evaluation.eval"]  # a function-level import
+
+
+def test_the_layering_check_names_an_upward_import():
+    graph = {"spatialstudy.models.qwen": {"spatialstudy.evaluation.eval"}, "spatialstudy.runs": {"spatialstudy.data"},
+             "spatialstudy.methods.x": {"spatialstudy.models.qwen", "spatialstudy.runs"}}
+    assert layering_violations(graph) == ["spatialstudy.models.qwen -> spatialstudy.evaluation.eval",
+                                          "spatialstudy.runs -> spatialstudy.data"]
+
+
+def test_layers_import_only_downwards():
+    bad = layering_violations(import_graph())
+    assert not bad, "upward imports: " + "; ".join(bad)
+
+
+def test_shared_modules_and_layers_exist():
+    for name in LAYERS:
+        assert (PACKAGE.parent / name.replace(".", "/") / "__init__.py").exists(), name
+    for name in SHARED:
+        assert (PACKAGE.parent / (name.replace(".", "/") + ".py")).exists(), name

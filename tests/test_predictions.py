@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from spatialstudy.predictions import (CorruptPredictions, ForeignConfig, PredictionsLocked, append_rows,
+from spatialstudy.evaluation.predictions import (CorruptPredictions, ForeignConfig, PredictionsLocked, append_rows,
                                       discard_stale, lock_path, read_predictions, writer_lock)
 
 
@@ -67,7 +67,7 @@ def test_foreign_config_is_refused_and_discarded_only_on_request(tmp_path):
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from spatialstudy.predictions import writer_lock
+    from spatialstudy.evaluation.predictions import writer_lock
     with writer_lock(sys.argv[1]):
         print("locked", flush=True)
         time.sleep(60)

@@ -8,10 +8,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from spatialstudy import pretrain  # noqa: E402
-from spatialstudy.bases import load_model  # noqa: E402
-from spatialstudy.chat import collate  # noqa: E402
-from spatialstudy.models import make_processor  # noqa: E402
+from spatialstudy.models import pretrain  # noqa: E402
+from spatialstudy.models.bases import load_model  # noqa: E402
+from spatialstudy.models.chat import collate  # noqa: E402
+from spatialstudy.models.qwen import make_processor  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_resume_from_checkpoint_matches_uninterrupted(cache_root, monkeypatch, p
 
 
 def test_measure_reports_blind_and_chance(proc):
-    from spatialstudy.models import build_tiny
+    from spatialstudy.models.qwen import build_tiny
 
     model = build_tiny("student", proc.tokenizer).eval()
     res = pretrain.measure(model, proc, pretrain.heldout_items(8))

@@ -4,7 +4,7 @@ import hashlib
 import pytest
 import yaml
 
-from spatialstudy import pretrain
+from spatialstudy.models import pretrain
 from spatialstudy.data.streams import role_seed
 from spatialstudy.data.writers import benchmark_items, spacethinker_items
 

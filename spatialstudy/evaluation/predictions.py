@@ -20,7 +20,7 @@ from typing import Sequence
 from spatialstudy import runs
 from spatialstudy.scoring import summarize
 
-log = logging.getLogger("spatialstudy.predictions")
+log = logging.getLogger("spatialstudy.evaluation.predictions")
 
 
 def predictions_path(out_dir, name: str, transform: str | None = None, shard=None) -> Path:

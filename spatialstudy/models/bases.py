@@ -1,9 +1,9 @@
 """Load any model spec: a checkpoint, a cached hub name, or a tiny spec pretrained on demand.
 
-Sits above both models.py (architectures, checkpoints, adapters) and pretrain.py (which builds tiny bases from
-models.py), so that neither imports the other's layer upward:
+Sits above both qwen.py (architectures, checkpoints, adapters) and pretrain.py (which builds tiny bases from
+qwen.py), so that neither imports the other's layer upward:
 
-    from spatialstudy.bases import load_model
+    from spatialstudy.models.bases import load_model
     model, processor = load_model("tiny-student", tier="smoke")          # pretrained (cached) on first use
     model, processor = load_model("tiny-teacher", tier="ci", adapter="runs/ci/02_sft/adapter")   # with a LoRA
 """
@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spatialstudy import models, pretrain
+from spatialstudy.models import pretrain, qwen
 
 PROFILE_TO_TIER = {"ci": "ci", "smoke": "smoke", "full": "full", "full-repro": "full"}
 
 
 def tiny_checkpoint(spec: str, tier: str = "smoke", seed: int = 0) -> Path:
     """The cached dir of a pretrained tiny spec ("tiny-student" at a run profile or tier), trained on a miss."""
-    name, random_init = models.parse_tiny(spec)
+    name, random_init = qwen.parse_tiny(spec)
     if random_init:
         raise ValueError(f"{spec!r} has random weights and no checkpoint")
     return pretrain.pretrain_base(name, PROFILE_TO_TIER.get(tier, tier), seed=seed)
@@ -26,28 +26,28 @@ def tiny_checkpoint(spec: str, tier: str = "smoke", seed: int = 0) -> Path:
 
 def load_model(spec, *, tier: str = "smoke", seed: int = 0, adapter=None, **load_kw):
     """(model, processor) for a checkpoint dir, a locally cached hub name or a tiny spec (pretrained at `tier`);
-    `adapter`: a LoRA adapter dir put on top (models.load_adapter). `load_kw` go to models.load_checkpoint."""
-    tiny = models.parse_tiny(str(spec))
+    `adapter`: a LoRA adapter dir put on top (qwen.load_adapter). `load_kw` go to qwen.load_checkpoint."""
+    tiny = qwen.parse_tiny(str(spec))
     if tiny and tiny[1]:
         model, processor = _random_tiny(tiny[0], seed, **load_kw)
     else:
-        model, processor = models.load_checkpoint(tiny_checkpoint(spec, tier, seed) if tiny else spec, **load_kw)
-    return (models.load_adapter(model, adapter) if adapter else model), processor
+        model, processor = qwen.load_checkpoint(tiny_checkpoint(spec, tier, seed) if tiny else spec, **load_kw)
+    return (qwen.load_adapter(model, adapter) if adapter else model), processor
 
 
 def _random_tiny(name: str, seed: int, dtype=None, attn_implementation=None, min_pixels=None, max_pixels=None):
     """A tiny model with random weights (fast tests), on the tiny bases' tokenizer."""
     tok = pretrain.base_tokenizer()
-    model = models.build_tiny(name, tok, seed=seed, attn_implementation=attn_implementation or "sdpa")
-    proc = models.make_processor(tok, min_pixels or models.TINY_PIXELS, max_pixels or models.TINY_PIXELS)
+    model = qwen.build_tiny(name, tok, seed=seed, attn_implementation=attn_implementation or "sdpa")
+    proc = qwen.make_processor(tok, min_pixels or qwen.TINY_PIXELS, max_pixels or qwen.TINY_PIXELS)
     return (model.to(dtype) if dtype else model), proc
 
 
 def load_for_eval(spec, *, tier: str = "smoke", device=None):
     """(model, processor) as every evaluation loads them (stages and the eval CLI alike), so that their runs share
     config hashes and shards merge with stage results: a tiny spec as pretrained at `tier`, on `device` if given;
-    anything else as models.load_checkpoint_for_eval loads it."""
-    if models.parse_tiny(str(spec)):
+    anything else as qwen.load_checkpoint_for_eval loads it."""
+    if qwen.parse_tiny(str(spec)):
         model, processor = load_model(spec, tier=tier)
         return (model.to(device) if device else model), processor
-    return models.load_checkpoint_for_eval(spec, device=device)
+    return qwen.load_checkpoint_for_eval(spec, device=device)

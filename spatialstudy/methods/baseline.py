@@ -13,7 +13,7 @@ from pathlib import Path
 
 from spatialstudy import runs
 from spatialstudy.configs import BaselineConfig
-from spatialstudy.predictions import read_predictions, rows_for
+from spatialstudy.evaluation.predictions import read_predictions, rows_for
 from spatialstudy.scoring import headline_rows, in_headline, paired_difference
 
 STAGE = "baseline"
@@ -40,7 +40,7 @@ def omnispatial_dir(profile: str, cfg: BaselineConfig) -> Path:
 def test_records(profile: str, cfg: BaselineConfig) -> list:
     """Every OmniSpatial-format test record, then the fixed stratified subset of `n_eval`."""
     from spatialstudy.data import load_omnispatial
-    from spatialstudy.eval import eval_subset
+    from spatialstudy.evaluation.eval import eval_subset
 
     records = load_omnispatial(omnispatial_dir(profile, cfg))
     return eval_subset(records, cfg.n_eval or None, cfg.eval_seed)
@@ -59,7 +59,7 @@ def model_specs(cfg: BaselineConfig) -> dict[str, tuple[str, dict]]:
 def evaluate_model(spec: str, profile: str, records: list, out_dir: Path, cfg: BaselineConfig, name: str,
                    overrides: dict) -> dict:
     """One base with its controls, at this stage's settings (the evaluation layer loads, evaluates and frees it)."""
-    from spatialstudy.eval import EvalSettings, evaluate_spec
+    from spatialstudy.evaluation.eval import EvalSettings, evaluate_spec
 
     # restart_stale: predictions left by an earlier run of this stage with other bases (retrained after a generator
     # change) or settings are replaced, not mixed in; those of this configuration are resumed
@@ -141,7 +141,7 @@ def targets(results: dict, records: list) -> dict:
 
 def run_baseline(profile: str, cfg: BaselineConfig) -> dict:
     """Evaluate every base on the fixed subset with controls; write the run dir; return its metrics."""
-    from spatialstudy.eval import save_eval_subset
+    from spatialstudy.evaluation.eval import save_eval_subset
 
     runs.seed_everything(cfg.seed)
     records = test_records(profile, cfg)

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from spatialstudy import runs
-from spatialstudy.chat import collate
-from spatialstudy.generation import generate_batch
-from spatialstudy.models import TINY_PIXELS, TINY_SPECS, build_tiny, count_params, make_processor, spec_summary
+from spatialstudy.models.chat import collate
+from spatialstudy.models.generation import generate_batch
+from spatialstudy.models.qwen import TINY_PIXELS, TINY_SPECS, build_tiny, count_params, make_processor, spec_summary
+from spatialstudy.models.transforms import BLIND
 from spatialstudy.scoring import LETTERS, extract_answer
-from spatialstudy.transforms import BLIND
 
 CKPT_EVERY = 100           # steps between resumable checkpoints of a run in progress
 POOL_COLOUR_FREE = 0.5     # share of pretraining questions naming objects by shape/size only, as in the benchmark
@@ -82,7 +82,7 @@ TIERS = {
 
 # ---------------------------------------------------------------- data
 def _data():
-    """The data layer (imported lazily: loading a checkpoint through spatialstudy.bases needs none of it)."""
+    """The data layer (imported lazily: loading a checkpoint through spatialstudy.models.bases needs none of it)."""
     import spatialstudy.data as data
     from spatialstudy.data import prompts
 
@@ -102,7 +102,7 @@ def base_tokenizer():
     """The tiny models' small BPE tokenizer, trained once per generator version and cached on disk."""
     from transformers import AutoTokenizer
 
-    from spatialstudy import tokenizer as T
+    from spatialstudy.models import tokenizer as T
 
     recipe = {"generator": generator_version(), "split": T.SMALL_SPLIT, "vocab": T.SMALL_VOCAB_SIZE,
               "corpus": [T.CORPUS_ITEMS, T.CORPUS_PER_SCENE], "blocks": T.PROMPT_BLOCK_NAMES,

@@ -2,8 +2,8 @@
 
 `load_checkpoint(spec)` takes a local checkpoint dir or a name already in the local Hugging Face cache. Tiny specs
 ("tiny-student", "tiny-teacher": pretrained bases; "tiny-student-random" etc.: same config, random weights, for fast
-tests) need pretraining, which sits above this module: load any spec with `spatialstudy.bases.load_model`. The tiny
-pair keeps the real 3B/7B pair's mismatches in miniature (see TINY_SPECS).
+tests) need pretraining, which sits above this module: load any spec with `spatialstudy.models.bases.load_model`.
+The tiny pair keeps the real 3B/7B pair's mismatches in miniature (see TINY_SPECS).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from transformers import (AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditio
                           Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil)
 from transformers.processing_utils import ProcessorMixin
 
-from spatialstudy.tokenizer import CHAT_TEMPLATE
+from spatialstudy.models.tokenizer import CHAT_TEMPLATE
 
 TINY_PIXELS = 112 * 112  # 112 px -> 8x8 patches -> 16 image tokens; the learnability spike's working size
 REAL_MIN_PIXELS = 256 * 28 * 28   # lmms-eval's Qwen2.5-VL pixel caps: fixed, so runs stay comparable
@@ -231,9 +231,10 @@ def load_processor(path: Path, min_pixels: int | None = None, max_pixels: int | 
 def load_checkpoint(spec, *, dtype=None, device_map=None, attn_implementation=None, quantize_4bit=False,
                     min_pixels=None, max_pixels=None):
     """(model, processor) of a checkpoint dir or a locally cached hub name. Tiny specs are not checkpoints until
-    pretrained: load those with spatialstudy.bases.load_model."""
+    pretrained: load those with spatialstudy.models.bases.load_model."""
     if parse_tiny(str(spec)):
-        raise ValueError(f"{spec!r} is a tiny spec: load it with spatialstudy.bases.load_model (it pretrains the base)")
+        raise ValueError(f"{spec!r} is a tiny spec: load it with spatialstudy.models.bases.load_model "
+                         "(it pretrains the base)")
     path = resolve_checkpoint(spec)
     kw = dict(dtype=dtype or "auto", attn_implementation=attn_implementation)
     if device_map is not None:
@@ -265,7 +266,7 @@ def save_adapter(model, adapter_dir) -> Path:
 
 def load_adapter(spec_or_model, adapter_dir, *, trainable: bool = False, **load_kw):
     """The base with the adapter in `adapter_dir` on top (a peft model): `spec_or_model` is a loaded base (a tiny
-    one from spatialstudy.bases.load_model) or a checkpoint for load_checkpoint(spec, **load_kw). `trainable`
+    one from spatialstudy.models.bases.load_model) or a checkpoint for load_checkpoint(spec, **load_kw). `trainable`
     keeps the adapter's weights trainable (to go on fine-tuning); otherwise they are frozen, for inference."""
     from peft import PeftModel
 

@@ -7,9 +7,10 @@ are drawn in the image). The official README averages 5 repeats; decoding here i
 prompt_style="direct" the official scorer applies the benchmark's direct rule (first character of the stripped,
 upper-cased reply; see scoring.OFFICIAL_RULES), recorded in the run's config as `official_rule`.
 
-    python -m spatialstudy.eval --model tiny-student --data runs/smoke/01_data/OmniSpatial-test --out runs/ev
-    python -m spatialstudy.eval ... --shard 0/2          # one shard; then --merge 2 when every shard is done
-    torchrun --standalone --nproc-per-node 4 -m spatialstudy.eval ... --distributed   # 4 shards, merged by rank 0
+    python -m spatialstudy.evaluation.eval --model tiny-student --data runs/smoke/01_data/OmniSpatial-test --out runs/ev
+    python -m spatialstudy.evaluation.eval ... --shard 0/2   # one shard; then --merge 2 when every shard is done
+    torchrun --standalone --nproc-per-node 4 -m spatialstudy.evaluation.eval ... --distributed
+                                                      # 4 shards, merged by rank 0
 """
 from __future__ import annotations
 
@@ -30,11 +31,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from spatialstudy import runs
-from spatialstudy.generation import generate_batch, generation_identity
-from spatialstudy.predictions import (append_rows, discard_stale, merge_shards, predictions_path, read_predictions,
-                                      rows_for, shard_records, writer_lock)
+from spatialstudy.evaluation.predictions import (append_rows, discard_stale, merge_shards, predictions_path,
+                                                 read_predictions, rows_for, shard_records, writer_lock)
+from spatialstudy.models.generation import generate_batch, generation_identity
+from spatialstudy.models.transforms import BLIND, GRAYSCALE, TRANSFORMS, ImageTransform  # noqa: F401 (GRAYSCALE)
 from spatialstudy.scoring import LETTERS, SCORERS, extract_answer, official_rule, paired_difference, summarize
-from spatialstudy.transforms import BLIND, GRAYSCALE, TRANSFORMS, ImageTransform  # noqa: F401 (GRAYSCALE: __all__)
 
 __all__ = ["PROMPT_STYLES", "ImageTransform", "BLIND", "GRAYSCALE", "TRANSFORMS", "EvalSettings", "eval_subset",
            "build_messages", "evaluate", "evaluate_with_controls", "merge_shards", "extract_answer",
@@ -211,7 +212,7 @@ def longest_first(processor, records: Sequence, demos_fn: Callable | None = None
 
 # ---------------------------------------------------------------- cost
 def _param_cost(model) -> dict:
-    from spatialstudy.models import count_params  # lazy: merging shards needs no transformers
+    from spatialstudy.models.qwen import count_params  # lazy: merging shards needs no transformers
 
     n = count_params(model)
     return {"params_total": n["total"], "params_trainable": n["trainable"]}
@@ -305,7 +306,7 @@ def evaluate_spec(spec, records: Sequence, out_dir, settings: EvalSettings, tier
     from its prediction files), and free it before the next model loads."""
     import gc
 
-    from spatialstudy.bases import load_for_eval  # lazy: importing the harness pulls in no pretraining
+    from spatialstudy.models.bases import load_for_eval  # lazy: importing the harness pulls in no pretraining
 
     model, processor = load_for_eval(spec, tier=tier)
     metrics = evaluate_with_controls(model, processor, records, out_dir, settings)
@@ -364,7 +365,7 @@ def _evaluate_distributed(args, records) -> dict | None:
     the others, so nobody waits forever."""
     import torch.distributed as dist
 
-    from spatialstudy.bases import load_for_eval  # lazy: importing the harness pulls in no pretraining
+    from spatialstudy.models.bases import load_for_eval  # lazy: importing the harness pulls in no pretraining
 
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     device = f"cuda:{local}" if torch.cuda.is_available() else None
@@ -388,13 +389,14 @@ def _evaluate_distributed(args, records) -> dict | None:
 def main(argv=None) -> int:
     """CLI: evaluate one model (all of it, one shard, or every shard under torchrun) on a local OmniSpatial-format
     folder, or merge shards. Loads models as the stages do (bases.load_for_eval), so the results merge with theirs."""
-    from spatialstudy.bases import load_for_eval  # lazy: importing the harness pulls in no pretraining
+    from spatialstudy.models.bases import load_for_eval  # lazy: importing the harness pulls in no pretraining
     from spatialstudy.data import load_omnispatial
 
     ap = _parser()
     args = ap.parse_args(argv)
     if args.distributed and "RANK" not in os.environ:
-        ap.error("--distributed runs under torchrun: torchrun --standalone --nproc-per-node N -m spatialstudy.eval ...")
+        ap.error("--distributed runs under torchrun: "
+                 "torchrun --standalone --nproc-per-node N -m spatialstudy.evaluation.eval ...")
     records = eval_subset(load_omnispatial(args.data), args.n, args.seed)
     if args.merge:
         metrics = merge_shards(args.out, args.name, args.merge, records=records, transform=args.transform)
