@@ -53,8 +53,8 @@ class PretrainSettings:
                                  # needs no word-to-object binding, so position is learnt before the 2-4 object items
     fixed_order: float = 0.0     # first share of the steps: options in one fixed (sorted) order, so the image -> letter
                                  # mapping is learnt before reading shuffled options (the benchmark shuffles them)
-    fewer_options: float = 0.0   # share of questions shown with 2 or 3 of their options (the benchmark has such
-                                 # items; a base that only saw four would answer C or D to a two-option question)
+    fewer_options: float = 0.0   # share of questions shown without the options after the correct one (the benchmark
+                                 # has 2-3 option items; a base that only saw four answered C or D to them blind)
     say_option: float = 0.0      # share of answers that state the chosen option's text before "Answer: X"
     lookup_drill: float = 0.0    # share of one-scene episodes turned into reading drills: no image, the answer's text
                                  # given in the question, so only finding its letter among the options is learnt
@@ -66,13 +66,16 @@ TIERS = {
     ("teacher", "ci"): PretrainSettings(steps=8, batch_size=4, lr=2e-3, n_scenes=8, per_scene=2, warmup=2,
                                         single_object=0.5),
     # smoke (recipe 5): one question per image, 32 images per step, half the scenes single-object, half the questions
-    # shape-named, base families in their fixed option order, few-shot batches of 0-5 demos; the teacher (the larger
-    # model trained on more) takes 2.4x the student's steps, cached once per machine. Measured (2026-12-02,
-    # reports/pretraining_targets.md): reading shuffled options did not emerge within the smoke budget.
+    # shape-named, base families in their fixed option order, a fifth of the questions without the options after the
+    # correct one, few-shot batches of 0-5 demos; the teacher (the larger model trained on more) takes 1.8x the
+    # student's steps, cached once per machine. Measured (2026-12-02, reports/pretraining_targets.md): reading
+    # shuffled options did not emerge within the smoke budget.
     ("student", "smoke"): PretrainSettings(steps=500, batch_size=32, lr=5e-4, n_scenes=2400, per_scene=1,
-                                           icl_fraction=0.1, max_shots=5, eval_items=200, single_object=0.5),
-    ("teacher", "smoke"): PretrainSettings(steps=1200, batch_size=32, lr=5e-4, n_scenes=2400, per_scene=1,
-                                           icl_fraction=0.1, max_shots=5, eval_items=200, single_object=0.5),
+                                           icl_fraction=0.1, max_shots=5, eval_items=200, single_object=0.5,
+                                           fewer_options=0.2),
+    ("teacher", "smoke"): PretrainSettings(steps=900, batch_size=32, lr=5e-4, n_scenes=2400, per_scene=1,
+                                           icl_fraction=0.1, max_shots=5, eval_items=200, single_object=0.5,
+                                           fewer_options=0.2),
     ("student", "full"): PretrainSettings(steps=3000, batch_size=32, lr=5e-4, n_scenes=6000, per_scene=1,
                                           icl_fraction=0.2, eval_items=600, single_object=0.5),
     ("teacher", "full"): PretrainSettings(steps=4000, batch_size=32, lr=5e-4, n_scenes=6000, per_scene=1,
@@ -160,13 +163,12 @@ def target(item, style: str, say_option: bool = False) -> str:
 
 def view(item, rng: random.Random, fixed: bool, fewer: float):
     """The item as shown in training: options sorted into one fixed order (`fixed`), and with probability `fewer`
-    only 2 or 3 of them (the correct one kept); answer index remapped."""
+    the options after the correct one cut (at least two kept), so every kept option keeps its letter and the base
+    learns that the answer is one of the listed letters; answer index remapped."""
     opts = sorted(item.options) if fixed else list(item.options)
     right = item.options[item.answer]
     if rng.random() < fewer:
-        wrong = [o for o in opts if o != right]
-        keep = set(rng.sample(wrong, rng.randint(1, 2))) | {right}
-        opts = [o for o in opts if o in keep]
+        opts = opts[:rng.randint(max(2, opts.index(right) + 1), len(opts))]
     return dataclasses.replace(item, options=opts, answer=opts.index(right))
 
 
