@@ -1,7 +1,7 @@
 """Text-only ceiling: how well a classifier that never sees the image answers the generated items (not a timed test).
 
     OMP_NUM_THREADS=1 python benchmarks/text_only_ceiling.py                        # 1,500 train / 600 test items
-    OMP_NUM_THREADS=1 python benchmarks/text_only_ceiling.py --n-train 500 --n-test 300 --out /tmp/toc
+    OMP_NUM_THREADS=1 python benchmarks/text_only_ceiling.py --n-train 500 --n-test 300 --out runs/toc
 
 For each partition (base, sft, test_only) it generates fresh train and test items from disjoint streams
 (role_seed(seed, "text_only_train/<partition>") and role_seed(seed, "text_only_test/<partition>"), so train and test
