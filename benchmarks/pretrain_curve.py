@@ -3,11 +3,12 @@
     OMP_NUM_THREADS=1 python benchmarks/pretrain_curve.py student --steps 600 --lr 5e-4
 
 Runs spatialstudy.models.pretrain.train itself (same pool, batches, schedule and optimiser as the smoke tier, with steps
-and lr overridden; nothing is cached). Every --every steps it scores 200 held-out base-partition items by the
-teacher-forced argmax over the four letters after "Answer:", with the image and blind (grey image), per family and
-naming (colour- or shape-named), plus 100 one-object image-quadrant items ("single", with the share of answers
-that get the left/right and the upper/lower half right), and prints one JSON line. The curves in
-reports/pretraining_targets.md were measured this way.
+and lr overridden, or any PretrainSettings field with --set; nothing is cached). Every --every steps it scores 200
+held-out base-partition items (shuffled as generated, or sorted with --fixed-eval) by their generated answers under
+the official rule, with the image and blind (grey image), per family and naming (colour- or shape-named), plus 100
+one-object image-quadrant items in the sorted order ("single", with the share of answers that get the left/right and
+the upper/lower half right), and prints one JSON line. The 2026-12-02 curves in reports/pretraining_targets.md were
+measured this way.
 """
 from __future__ import annotations
 

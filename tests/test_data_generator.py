@@ -26,7 +26,7 @@ def _geometry_from_point_cloud(scene) -> Geometry:
     lab = scene.rend.ids[rows, cols]
     s = scene.cam.size
     uv = np.array([[(cols[lab == i].mean() + 0.5) / s, (rows[lab == i].mean() + 0.5) / s] for i in range(k)])
-    return Geometry(cen, size, uv, scene.cam.pos, fill=scene.geom.fill)
+    return Geometry(cen, size, uv, scene.cam.pos)
 
 
 def test_render_depth_backprojects_onto_true_surfaces():

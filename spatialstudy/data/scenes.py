@@ -293,7 +293,6 @@ class Geometry:
     uv: np.ndarray                # (k,2) mean pixel position of the object's mask, normalised to [0,1] (col, row)
     cam: np.ndarray = field(default_factory=lambda: np.array([0.0, CAM_HEIGHT, 0.0]))
     npix: np.ndarray | None = None
-    fill: np.ndarray | None = None  # (k,) volume / bounding-box volume of each detected shape (1 when unknown)
 
     @property
     def k(self) -> int:
@@ -309,12 +308,6 @@ class Geometry:
         """Distance on the ground from the point below the camera to below the centroid."""
         return np.hypot(self.centroid[:, 0] - self.cam[0], self.centroid[:, 2] - self.cam[2])
 
-    @property
-    def volume(self) -> np.ndarray:
-        """Bounding-box volume times the shape's fill factor (a sphere fills pi/6 of its box)."""
-        fill = np.ones(self.k) if self.fill is None else self.fill
-        return np.prod(self.size, axis=1) * fill
-
 
 def point_cloud(rend: Render, cam: Camera) -> tuple[np.ndarray, np.ndarray]:
     """Back-project the depth map: (points (n,3), object ids (n,)) for every non-sky pixel."""
@@ -324,10 +317,7 @@ def point_cloud(rend: Render, cam: Camera) -> tuple[np.ndarray, np.ndarray]:
     return pts[keep], ids[keep]
 
 
-FILL = {"cube": 1.0, "sphere": np.pi / 6, "cylinder": np.pi / 4}
-
-
-def recover_geometry(rend: Render, cam: Camera, k: int, shapes=None) -> Geometry:
+def recover_geometry(rend: Render, cam: Camera, k: int) -> Geometry:
     """Centroids and extents of the k objects from the back-projected point cloud and the id mask."""
     pts, ids = point_cloud(rend, cam)
     rows, cols = np.nonzero(rend.ids >= 0)
@@ -342,8 +332,7 @@ def recover_geometry(rend: Render, cam: Camera, k: int, shapes=None) -> Geometry
         lo, hi = p.min(0), p.max(0)
         size[i] = [hi[0] - lo[0], hi[1], hi[2] - lo[2]]   # height from the ground: the scene is floor-aligned
         uv[i] = [(cols[mids == i].mean() + 0.5) / cam.size, (rows[mids == i].mean() + 0.5) / cam.size]
-    fill = np.array([FILL[s] for s in shapes]) if shapes is not None else None
-    return Geometry(cen, size, uv, cam.pos, npix, fill)
+    return Geometry(cen, size, uv, cam.pos, npix)
 
 
 # --- scene sampling ---
@@ -440,6 +429,6 @@ def sample_scene(rng: np.random.Generator, image_size: int = 112, palette_name: 
         if not place(rng, objs, cam):
             continue
         rend = render(objs, cam)
-        geom = recover_geometry(rend, cam, n, [ob.shape for ob in objs])
+        geom = recover_geometry(rend, cam, n)
         if geom.npix.min() >= MIN_VISIBLE_PIXELS * (image_size / 112) ** 2:
             return Scene(objs, cam, rend, geom)
