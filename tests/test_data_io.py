@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from spatialstudy.data import (DataError, last_report, load_omnispatial, load_spacethinker, make_items,
-                               write_omnispatial, write_spacethinker, zip_folder)
+from spatialstudy.data import (DataError, last_report, load_omnispatial, load_spacethinker, write_omnispatial,
+                               write_spacethinker, zip_folder)
 from spatialstudy.data.loaders import extract_question
 from spatialstudy.data.writers import INPUT_TEMPLATE, partition_counts, quirk_counts, spacethinker_items, write_parquet
 
@@ -263,20 +263,6 @@ BAD_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_CASES))
-def test_omnispatial_bad_input(tmp_path, case):
-    root, data = _real_like(tmp_path)
-    mutate, pattern, reason = BAD_CASES[case]
-    mutate(data, root)
-    _write(root, data)
-    with pytest.raises(DataError, match=rf"data\.json record \d+ \(task_type=.*id=.*\): {pattern}"):
-        load_omnispatial(root)
-    recs = load_omnispatial(root, on_error="skip")
-    assert recs.report.skipped[reason] >= 1
-    assert len(recs) + recs.report.n_skipped == len(data)                    # nothing silently dropped
-    assert last_report("omnispatial").as_dict()["n_skipped"] == recs.report.n_skipped
-
-
 def test_omnispatial_file_level_errors(tmp_path):
     with pytest.raises(DataError, match="no data.json"):
         load_omnispatial(tmp_path)
@@ -394,16 +380,19 @@ OMNI_BAD_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(OMNI_BAD_CASES))
-def test_omnispatial_hardening_cases(tmp_path, case):
+@pytest.mark.parametrize("case", sorted(BAD_CASES) + sorted(OMNI_BAD_CASES))
+def test_omnispatial_bad_input(tmp_path, case):
     root, data = _real_like(tmp_path)
-    mutate, pattern, reason = OMNI_BAD_CASES[case]
+    mutate, pattern, reason = {**BAD_CASES, **OMNI_BAD_CASES}[case]
     mutate(data, root)
     _write(root, data)
     with pytest.raises(DataError, match=rf"data\.json record \d+ \(task_type=.*id=.*\): {pattern}"):
         load_omnispatial(root)
     recs = load_omnispatial(root, on_error="skip")
-    assert recs.report.skipped[reason] >= 1 and len(recs) + recs.report.n_skipped == len(data)
+    assert recs.report.skipped[reason] >= 1
+    assert len(recs) + recs.report.n_skipped == len(data)                    # nothing silently dropped
+    assert last_report("omnispatial").as_dict()["n_skipped"] == recs.report.n_skipped
+
 
 
 def test_image_damaged_after_loading_names_the_record(tmp_path):

@@ -8,10 +8,6 @@ import zlib
 
 import numpy as np
 
-ROLES = ("pretrain_pool", "pretrain_single", "pretrain_heldout", "spacethinker_train", "spacethinker_test",
-         "benchmark", "benchmark_quirks", "dev", "tokenizer_corpus", "prior_bank", "text_only_train",
-         "text_only_test")
-
 
 def role_seed(seed: int, role: str) -> int:
     """A 63-bit seed for `role` under the user seed: numpy's SeedSequence keyed by (seed, crc32(role))."""
