@@ -4,6 +4,7 @@ Kept free of heavy imports so the runner can check params/<profile>/*.yaml befor
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from spatialstudy.runs import StageConfig
@@ -53,4 +54,68 @@ class BaselineConfig(StageConfig):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
-CONFIGS = {"01_data": DataConfig, "baseline": BaselineConfig}
+ARM_MODELS, ARM_TARGETS = ("student", "teacher"), ("mcq", "spacethinker", "answer_only")
+
+
+def arm_parts(text: str) -> tuple[str, str, bool]:
+    """"student/mcq/blank" -> ("student", "mcq", True): an SFT arm's base, target format and blank images."""
+    parts = str(text).strip().split("/")
+    if len(parts) not in (2, 3) or parts[0] not in ARM_MODELS or parts[1] not in ARM_TARGETS or \
+            parts[2:] not in ([], ["blank"]):
+        raise ValueError(f"arm {text!r}: expected '<student|teacher>/<mcq|spacethinker|answer_only>[/blank]'")
+    return parts[0], parts[1], len(parts) == 3
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    """02_sft: (Q)LoRA fine-tuning arms on SpaceThinker-schema rows, each evaluated with its own blind control."""
+
+    student: str = "tiny-student"    # tiny spec, local checkpoint dir or cached hub name
+    teacher: str = "tiny-teacher"
+    arms: list = dataclasses.field(default_factory=lambda: ["student/mcq", "student/spacethinker",
+                                                            "student/mcq/blank", "teacher/mcq"])
+    spacethinker_path: str = ""      # local SpaceThinker copy; "" = what 01_data wrote
+    n_train: int = 32                # training rows (0 = all)
+    n_val: int = 16                  # validation rows from the test split (0 = all)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_modules: str = "all"        # "all": attention + MLP projections of the language model; "qv": the study's
+    quantize: bool = False           # 4-bit NF4 base (QLoRA)
+    quantize_vision: bool = False    # also quantise the vision tower (the study did; lm_head always stays whole)
+    loss_on_prompt: bool = False     # the study trained on the prompt too
+    system_prompt: str = ""          # "" = Qwen's default; full-repro: the study's VL-Thinking prompt
+    lr: float = 1e-3
+    teacher_lr: float = 0.0          # 0 = lr
+    epochs: float = 1.0
+    max_steps: int = 4               # > 0 overrides epochs
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr_scheduler: str = "cosine"
+    warmup_steps: float = 0.05       # < 1: a share of the steps
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    gradient_checkpointing: bool = False
+    logging_steps: int = 1
+    eval_steps: int = 2
+    save_steps: int = 2
+    eval_batch_size: int = 16
+    max_new_tokens: int = 64         # mcq arms (reasoning, then "Answer: X": up to ~60 tokens on the embedded default)
+    spacethinker_max_new_tokens: int = 96
+    n_eval: int = 0                  # benchmark items: a stratified part of the baseline's fixed subset (0 = all of it)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for arm in self.arms:
+            arm_parts(arm)
+        if self.lora_modules not in ("all", "qv"):
+            raise ValueError(f"lora_modules must be 'all' or 'qv', got {self.lora_modules!r}")
+        for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "eval_batch_size", "max_new_tokens",
+                     "spacethinker_max_new_tokens", "logging_steps", "eval_steps", "save_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not (self.lr > 0 and self.epochs > 0 and 0 <= self.lora_dropout < 1):
+            raise ValueError("lr and epochs must be positive, lora_dropout in [0, 1)")
+
+
+CONFIGS = {"01_data": DataConfig, "baseline": BaselineConfig, "02_sft": SFTConfig}

@@ -297,7 +297,7 @@ def evaluate_with_controls(model, processor, records: Sequence, out_dir, setting
     blind = evaluate(model, processor, records, out_dir, replace(settings, transform=BLIND))
     metrics["controls"] = {"always_A": metrics["always_A"],
                            "blind": {k: blind[k] for k in ("n", *(f"accuracy_{s}" for s in SCORERS), "scorers",
-                                                           "predictions")}}
+                                                           "predictions", "config_hash")}}
     return metrics
 
 

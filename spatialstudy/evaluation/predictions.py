@@ -229,3 +229,12 @@ def merge_shards(out_dir, name: str, n_shards: int, records: Sequence | None = N
     with writer_lock(out):
         runs.atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return {**summarize(rows), "config_hash": hashes.pop() if hashes else None, "predictions": str(out)}
+
+
+def headline_predictions(summary: dict, records, partition: str | None = None) -> list[dict]:
+    """The headline prediction rows of an evaluation summary (read back from its predictions file under its config
+    hash), in `records` order; one partition, or all. What scoring.paired_difference compares."""
+    from spatialstudy.scoring import headline_rows
+
+    rows = headline_rows(rows_for(read_predictions(summary["predictions"], summary["config_hash"]), records))
+    return [r for r in rows if partition is None or r["partition"] == partition]

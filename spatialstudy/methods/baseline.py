@@ -13,8 +13,8 @@ from pathlib import Path
 
 from spatialstudy import runs
 from spatialstudy.configs import BaselineConfig
-from spatialstudy.evaluation.predictions import read_predictions, rows_for
-from spatialstudy.scoring import headline_rows, in_headline, paired_difference
+from spatialstudy.evaluation.predictions import headline_predictions
+from spatialstudy.scoring import in_headline, paired_difference
 
 STAGE = "baseline"
 DATA_STAGE = "01_data"
@@ -100,12 +100,6 @@ def looked(models: dict) -> dict:
         blind = partition_accuracy(m["controls"]["blind"]["scorers"]["official"])
         out[name] = {g: image[g] - blind[g] for g in image}
     return out
-
-
-def headline_predictions(m: dict, records: list, partition: str | None = None) -> list[dict]:
-    """A model's headline prediction rows of `records` (one partition, or all), read back from its file."""
-    rows = headline_rows(rows_for(read_predictions(m["predictions"], m["config_hash"]), records))
-    return [r for r in rows if partition is None or r["partition"] == partition]
 
 
 def base_targets(student: dict, teacher: dict, records: list) -> dict:

@@ -25,12 +25,23 @@ def answer_labels(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
     return labels
 
 
-def collate(episodes: list[tuple[list[dict], list]], processor) -> dict:
-    """Tokenise (messages, images) episodes with the real processor (right padding); mask all but the answers."""
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def prompt_and_answer_labels(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """Labels on every text token, prompt included (as the study trained): only vision tokens are -100, since an
+    image placeholder cannot be predicted from text."""
+    vision = torch.tensor(tokenizer.convert_tokens_to_ids(list(VISION_TOKENS)))
+    return input_ids.masked_fill(torch.isin(input_ids, vision), -100)
+
+
+def collate(episodes: list[tuple[list[dict], list]], processor, loss_on_prompt: bool = False) -> dict:
+    """Tokenise (messages, images) episodes with the real processor (right padding); mask all but the answers
+    (or, with `loss_on_prompt`, only the vision tokens). Padding is always -100."""
     texts = [processor.apply_chat_template(m, tokenize=False) for m, _ in episodes]
     images = [im for _, ims in episodes for im in ims]
-    processor.tokenizer.padding_side = "right"
-    batch = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
-    labels = torch.stack([answer_labels(row, processor.tokenizer) for row in batch["input_ids"]])
+    batch = processor(text=texts, images=images or None, return_tensors="pt", padding=True, padding_side="right")
+    label_fn = prompt_and_answer_labels if loss_on_prompt else answer_labels
+    labels = torch.stack([label_fn(row, processor.tokenizer) for row in batch["input_ids"]])
     batch["labels"] = labels.masked_fill(batch["attention_mask"] == 0, -100)
     return dict(batch)

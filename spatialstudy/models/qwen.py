@@ -194,8 +194,10 @@ def resolve_checkpoint(spec: str | os.PathLike) -> Path:
             f"model spec.") from e
 
 
-def quantization_config(compute_dtype=torch.float32):
-    """4-bit NF4 with double quantisation (QLoRA's recipe); needs bitsandbytes."""
+def quantization_config(compute_dtype=torch.float32, keep_unquantized=()):
+    """4-bit NF4 with double quantisation (QLoRA's recipe); needs bitsandbytes. `keep_unquantized`: module-name
+    prefixes left in full precision (transformers 5 matches them from the start of the name: ("model.visual",
+    "lm_head") keeps the vision tower and the output layer whole)."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as e:
@@ -203,7 +205,7 @@ def quantization_config(compute_dtype=torch.float32):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
-                              bnb_4bit_use_double_quant=True)
+                              bnb_4bit_use_double_quant=True, llm_int8_skip_modules=list(keep_unquantized) or None)
 
 
 def bnb_cpu_workaround(model) -> int:
@@ -229,9 +231,10 @@ def load_processor(path: Path, min_pixels: int | None = None, max_pixels: int | 
 
 
 def load_checkpoint(spec, *, dtype=None, device_map=None, attn_implementation=None, quantize_4bit=False,
-                    min_pixels=None, max_pixels=None):
+                    keep_unquantized=(), min_pixels=None, max_pixels=None):
     """(model, processor) of a checkpoint dir or a locally cached hub name. Tiny specs are not checkpoints until
-    pretrained: load those with spatialstudy.models.bases.load_model."""
+    pretrained: load those with spatialstudy.models.bases.load_model. `quantize_4bit`: NF4 (quantization_config),
+    with the modules named in `keep_unquantized` left whole."""
     if parse_tiny(str(spec)):
         raise ValueError(f"{spec!r} is a tiny spec: load it with spatialstudy.models.bases.load_model "
                          "(it pretrains the base)")
@@ -240,7 +243,8 @@ def load_checkpoint(spec, *, dtype=None, device_map=None, attn_implementation=No
     if device_map is not None:
         kw["device_map"] = device_map
     if quantize_4bit:
-        kw["quantization_config"] = quantization_config(dtype if dtype and dtype != "auto" else torch.float32)
+        compute = dtype if dtype and dtype != "auto" else torch.float32
+        kw["quantization_config"] = quantization_config(compute, keep_unquantized)
         kw.setdefault("device_map", "cuda" if torch.cuda.is_available() else "cpu")
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, **kw)
     if quantize_4bit:

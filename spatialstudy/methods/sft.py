@@ -1,0 +1,615 @@
+"""Stage 02_sft: (Q)LoRA supervised fine-tuning on SpaceThinker-schema rows (research question 1).
+
+LoRA on the language model only, optionally over a 4-bit NF4 base (QLoRA); trained with transformers' `Trainer`
+(progress, gradient accumulation, checkpoints and resume, TensorBoard, `accelerate launch` / `torchrun` for free).
+Each arm is one (model, target format, images) triple:
+
+    student/mcq            the rows through data.mcq.to_mcq: manual-CoT prompt with options, target "... Answer: X"
+    student/spacethinker   the study's format: the question, target "<think>...</think>\\n<answer>...</answer>"
+    student/answer_only    the mcq prompt with the target "Answer: X" alone (no reasoning): the skill without a
+                           new output format (not in the issue's two formats; added to separate the two)
+    student/mcq/blank      the same SFT with every training image blank: what SFT teaches without looking
+    teacher/mcq            the teacher fine-tuned too (the distillation teacher is its SFT)
+
+Writes runs/<profile>/02_sft/{config.json, metrics.json, predictions_<arm>[_blind].jsonl,
+<arm>/{adapter/, checkpoint-N/, runs/ (TensorBoard), log.json, arm.json}}.
+Module-level imports stay light: the runner validates SFTConfig before any model loads.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from spatialstudy import runs
+from spatialstudy.configs import SFTConfig, arm_parts
+
+STAGE = "02_sft"
+DATA_STAGE = "01_data"
+BASELINE_STAGE = "baseline"
+KEEP_UNQUANTIZED = ("model.visual", "lm_head")  # the vision tower and output layer stay whole unless asked
+LORA_MODULES = {"all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                "qv": ("q_proj", "v_proj")}   # "qv": the study's own choice
+# The study's system prompt (VLAA-Thinker's "VL-Thinking" R1-style prompt), reconstructed from its description
+# (../shared/research/spacethinker.md): used only where a profile asks for it (full-repro).
+VL_THINKING_PROMPT = (
+    "You are VL-Thinking, a helpful assistant with excellent reasoning ability. A user asks you a question, and you "
+    "should try to solve it. You should first think about the reasoning process in the mind and then provide the "
+    "user with the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> "
+    "</answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>.")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One fine-tuning run: which base, which target format, real or blank training images."""
+
+    model: str          # "student" | "teacher"
+    target: str         # "mcq" | "spacethinker" | "answer_only"
+    blank: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}_{self.target}" + ("_blank" if self.blank else "")
+
+
+def parse_arm(text: str) -> Arm:
+    """"student/mcq/blank" -> Arm("student", "mcq", True)."""
+    return Arm(*arm_parts(text))
+
+
+# ---------------------------------------------------------------- LoRA on the language model only
+def lora_target_pattern(modules=LORA_MODULES["all"]) -> str:
+    """The regex peft full-matches against module names: projections inside the language model's decoder layers.
+    Anchored on `language_model.layers.N.` because the vision tower's MLPs carry the same names (gate_proj, up_proj,
+    down_proj): a plain name list or "all-linear" would put adapters on the vision tower too."""
+    names = "|".join(re.escape(m) for m in modules)
+    return rf"(?:.*\.)?language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"
+
+
+def lora_config(cfg: SFTConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                      target_modules=lora_target_pattern(LORA_MODULES[cfg.lora_modules]), task_type="CAUSAL_LM")
+
+
+def adapter_modules(model) -> list[str]:
+    """Names of the modules that carry a LoRA adapter (for checks: none may sit in the vision tower)."""
+    return [n for n, m in model.named_modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A", {}))]
+
+
+# ---------------------------------------------------------------- loading (QLoRA when asked)
+def base_checkpoint(spec: str, profile: str) -> str:
+    """A checkpoint dir for a model spec: tiny specs are the cached bases pretrained at the profile's tier."""
+    from spatialstudy.models import bases, qwen
+
+    if qwen.parse_tiny(spec):
+        return str(bases.tiny_checkpoint(spec, profile))
+    local = runs.resolve(spec)
+    return str(local) if local.exists() else spec
+
+
+def quantization_available() -> tuple[bool, str]:
+    """Whether 4-bit loading can run here; the reason when it cannot."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - an import of a native library fails in many ways
+        return False, f"bitsandbytes cannot be imported ({type(e).__name__}: {e})"
+    return True, ""
+
+
+def load_base(spec: str, profile: str, cfg: SFTConfig, attn_implementation: str | None = None):
+    """(model, processor, quantized): the base as its arms train and evaluate it. 4-bit NF4 (double quantisation,
+    bf16 compute on CUDA) when cfg.quantize; the vision tower stays whole unless cfg.quantize_vision (lm_head
+    always does: transformers never quantises the output layer).
+    Where bitsandbytes cannot run, plain LoRA with a printed message (the metrics record which)."""
+    import torch
+
+    from spatialstudy.models import qwen
+
+    path, cuda = base_checkpoint(spec, profile), torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    ok, why = quantization_available() if cfg.quantize else (False, "")
+    if cfg.quantize and not ok:
+        print(f"[sft] 4-bit requested but {why}: training plain LoRA on the full-precision base instead")
+    keep = () if cfg.quantize_vision else KEEP_UNQUANTIZED
+    model, processor = qwen.load_checkpoint(path, dtype=dtype, quantize_4bit=cfg.quantize and ok,
+                                            keep_unquantized=keep, attn_implementation=attn_implementation,
+                                            device_map="auto" if cuda else None)
+    return model, processor, cfg.quantize and ok
+
+
+def make_trainable(model, cfg: SFTConfig, quantized: bool):
+    """The base wrapped in a LoRA peft model; k-bit preparation first for a 4-bit base (norms to fp32, input grads,
+    non-reentrant gradient checkpointing when asked)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    ckpt_kw = {"use_reentrant": False}
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=ckpt_kw)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kw)
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora_config(cfg))
+
+
+# ---------------------------------------------------------------- training rows
+def _blank(image):
+    from spatialstudy.models.transforms import BLIND
+
+    return BLIND.fn(image)
+
+
+def _images(record, blank: bool) -> list:
+    images = list(record.images or [])
+    return [_blank(im) for im in images] if blank else images
+
+
+def _user(text: str, images: list) -> dict:
+    content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}]
+    return {"role": "user", "content": content}
+
+
+def _chat(system: str, user: dict, answer: str) -> list[dict]:
+    from spatialstudy.data.prompts import assistant_turn
+
+    sys_turn = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    return sys_turn + [user, assistant_turn(answer)]
+
+
+def spacethinker_target(record) -> str:
+    """The study's target: the reasoning trace in <think>, then the free-text answer in <answer>."""
+    return f"<think>{record.reasoning.strip()}</think>\n<answer>{record.answer.strip()}</answer>"
+
+
+def spacethinker_episode(record, blank: bool = False, system: str = "") -> tuple[list[dict], list]:
+    images = _images(record, blank)
+    return _chat(system, _user(record.question, images), spacethinker_target(record)), images
+
+
+def mcq_episode(mcq, blank: bool = False, system: str = "") -> tuple[list[dict], list]:
+    """An MCQ (data.mcq.to_mcq, with reasoning) as the benchmark asks it: the official manual-CoT prompt with the
+    lettered options; the target is the reasoning, then "Answer: X"."""
+    from spatialstudy.data.prompts import omnispatial_prompt
+
+    images = _images(mcq, blank)
+    prompt = omnispatial_prompt(mcq.question, mcq.options, "manual_cot")
+    return _chat(system, _user(prompt, images), mcq.target), images
+
+
+class Episodes:
+    """A lazy dataset of chat episodes (images are read when a batch is built, not all at once)."""
+
+    def __init__(self, rows: list, build):
+        self.rows, self.build = rows, build
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.build(self.rows[i])
+
+
+def episodes(records: list, arm: Arm, cfg: SFTConfig, seed: int) -> tuple[Episodes, dict]:
+    """The arm's training (or validation) episodes and, for mcq, the conversion report (rows that cannot become
+    an MCQ are counted and skipped)."""
+    if arm.target == "spacethinker":
+        return Episodes(records, lambda r: spacethinker_episode(r, arm.blank, cfg.system_prompt)), {}
+    from spatialstudy.data.mcq import to_mcq_batch
+
+    mcqs, report = to_mcq_batch(records, seed=seed, with_reasoning=arm.target == "mcq")
+    return Episodes(mcqs, lambda m: mcq_episode(m, arm.blank, cfg.system_prompt)), report
+
+
+def spacethinker_records(profile: str, cfg: SFTConfig) -> tuple[list, list]:
+    """(train, validation) SpaceThinker-schema rows: the configured local copy, else what 01_data wrote; the
+    validation rows are the test split (the benchmark is never trained or validated on)."""
+    from spatialstudy.data import load_spacethinker
+
+    path = runs.resolve(cfg.spacethinker_path) if cfg.spacethinker_path else spacethinker_dir(profile)
+    train, val = load_spacethinker(path, "train"), load_spacethinker(path, "test")
+    return list(train)[:cfg.n_train or None], list(val)[:cfg.n_val or None]
+
+
+def spacethinker_dir(profile: str) -> Path:
+    metrics = runs.read_json(runs.require_run(profile, DATA_STAGE) / "metrics.json")
+    try:
+        return Path(metrics["spacethinker_dir"])
+    except KeyError:
+        raise KeyError(f"runs/{profile}/{DATA_STAGE}/metrics.json has no spacethinker path; re-run "
+                       f"{DATA_STAGE}") from None
+
+
+# ---------------------------------------------------------------- training with transformers' Trainer
+def arm_identity(arm: Arm, cfg: SFTConfig, base: str, n_rows: tuple[int, int]) -> dict:
+    """Everything that changes an arm's adapter: a checkpoint of another identity is never resumed."""
+    skip = {"profile", "arms", "eval_batch_size", "max_new_tokens", "spacethinker_max_new_tokens", "n_eval",
+            "logging_steps", "eval_steps", "save_steps", "student", "teacher"}
+    train = {k: v for k, v in asdict(cfg).items() if k not in skip}
+    return {"arm": asdict(arm), "base": base, "rows": list(n_rows), "train": train}
+
+
+def arm_dir(out: Path, arm: Arm, identity: dict) -> Path:
+    """out/<arm>, emptied first when it holds another identity's training (changed settings or data)."""
+    path, key = out / arm.name, runs.config_hash(identity)
+    marker = path / "arm.json"
+    if marker.exists() and runs.read_json(marker).get("hash") != key:
+        print(f"[sft] {path} holds an arm trained with other settings: training afresh")
+        shutil.rmtree(path)
+    runs.write_json(marker, {"hash": key, **identity})
+    return path
+
+
+def arm_lr(arm: Arm, cfg: SFTConfig) -> float:
+    return cfg.teacher_lr if arm.model == "teacher" and cfg.teacher_lr else cfg.lr
+
+
+def training_args(cfg: SFTConfig, arm: Arm, path: Path, progress: bool = True):
+    """TrainingArguments: checkpoints and TensorBoard logs in the arm's dir, validation loss every eval_steps."""
+    import torch
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(path), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=arm_lr(arm, cfg), num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
+        max_grad_norm=cfg.max_grad_norm, weight_decay=cfg.weight_decay, logging_steps=cfg.logging_steps,
+        eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=2, report_to=["tensorboard"], seed=cfg.seed, bf16=cuda, use_cpu=not cuda,
+        gradient_checkpointing=False,  # enabled (non-reentrant) by make_trainable, before peft wraps the model
+        remove_unused_columns=False, prediction_loss_only=True, dataloader_num_workers=0,
+        disable_tqdm=not progress, label_names=["labels"])
+
+
+def make_trainer(model, processor, cfg: SFTConfig, arm: Arm, path: Path, data: tuple, progress: bool = True):
+    from transformers import Trainer
+
+    from spatialstudy.models.chat import collate
+
+    return Trainer(model=model, args=training_args(cfg, arm, path, progress), train_dataset=data[0],
+                   eval_dataset=data[1], data_collator=lambda eps: collate(eps, processor, cfg.loss_on_prompt))
+
+
+def last_checkpoint(path: Path) -> str | None:
+    """The newest checkpoint-N under an arm's dir (what an interrupted run resumes from), else None."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(path)) if path.is_dir() else None
+
+
+def peak_memory() -> dict:
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return {"bytes": int(torch.cuda.max_memory_allocated()), "kind": "cuda_max_memory_allocated"}
+    return {"bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "kind": "process_rss_peak"}
+
+
+def fit(model, processor, cfg: SFTConfig, arm: Arm, path: Path, data: tuple, progress: bool = True) -> dict:
+    """Train (resuming from the arm's last checkpoint, if any), save the adapter, return the training log."""
+    from spatialstudy.models.qwen import count_params, save_adapter
+
+    trainer = make_trainer(model, processor, cfg, arm, path, data, progress)
+    resume = last_checkpoint(path)
+    if resume:
+        print(f"[sft] {arm.name}: resuming from {resume}")
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    save_adapter(model, path / "adapter")
+    log = {"train_s": round(time.perf_counter() - t0, 1), "resumed_from": resume, "params": count_params(model),
+           "steps": trainer.state.global_step, "log_history": trainer.state.log_history, "peak_memory": peak_memory()}
+    runs.write_json(path / "log.json", log)
+    return log
+
+
+def trained_arm(arm: Arm, cfg: SFTConfig, profile: str, out: Path, rows: tuple, progress: bool = True):
+    """(peft model, processor, training log, quantized) of one arm: trained now, or loaded when its adapter and log
+    exist under the same identity."""
+    from spatialstudy.models.qwen import load_adapter
+
+    spec = cfg.student if arm.model == "student" else cfg.teacher
+    model, processor, quantized = load_base(spec, profile, cfg)
+    path = arm_dir(out, arm, arm_identity(arm, cfg, base_checkpoint(spec, profile), (len(rows[0]), len(rows[1]))))
+    if (path / "log.json").exists() and (path / "adapter" / "adapter_config.json").exists():
+        return load_adapter(model, path / "adapter"), processor, runs.read_json(path / "log.json"), quantized
+    train, report = episodes(rows[0], arm, cfg, cfg.seed)
+    val, _ = episodes(rows[1], arm, cfg, cfg.seed + 1)
+    model = make_trainable(model, cfg, quantized)
+    log = {**fit(model, processor, cfg, arm, path, (train, val), progress), "mcq_report": report}
+    runs.write_json(path / "log.json", log)
+    return model, processor, log, quantized
+
+
+# ---------------------------------------------------------------- evaluation
+def eval_settings(cfg: SFTConfig, name: str, target: str):
+    from spatialstudy.evaluation.eval import EvalSettings
+
+    tokens = cfg.spacethinker_max_new_tokens if target == "spacethinker" else cfg.max_new_tokens
+    return EvalSettings(name=name, max_new_tokens=tokens, batch_size=cfg.eval_batch_size, prompt_style="manual_cot",
+                        restart_stale=True)
+
+
+def benchmark(model, processor, records: list, out: Path, settings) -> dict:
+    """The benchmark items with the model's own blind control (the harness resumes finished items)."""
+    from spatialstudy.evaluation.eval import evaluate_with_controls
+
+    return evaluate_with_controls(model, processor, records, out, settings)
+
+
+def meaning_prompts(rows: list, target: str, cfg: SFTConfig) -> tuple[list, list, list]:
+    """(rows kept, chat messages, option lists) for SpaceThinker test rows in a format's own prompt: the bare
+    question (spacethinker) or lettered options (mcq; the chosen option's text is scored by meaning). Rows that
+    cannot become an MCQ are left out of the mcq format."""
+    if target == "spacethinker":
+        return rows, [spacethinker_episode(r, system=cfg.system_prompt)[0][:-1] for r in rows], [None] * len(rows)
+    from spatialstudy.data.mcq import MCQConversionError, to_mcq
+
+    kept = []
+    for i, r in enumerate(rows):
+        try:
+            kept.append((r, to_mcq(r, seed=cfg.seed * 1_000_003 + i)))   # the prompt only: no target needed
+        except MCQConversionError:
+            continue
+    return ([r for r, _ in kept], [mcq_episode(m, system=cfg.system_prompt)[0][:-1] for _, m in kept],
+            [m.options for _, m in kept])
+
+
+def _chosen_text(text: str, options) -> str:
+    """What an answer says: the generated text (free-text formats) or the text of the letter chosen (mcq)."""
+    from spatialstudy.scoring import LETTERS, extract_answer
+
+    if options is None:
+        return text
+    letter, _ = extract_answer(text, "official")
+    return options[LETTERS.index(letter)] if letter in LETTERS[:len(options)] else ""
+
+
+def meaning_eval(model, processor, rows: list, target: str, cfg: SFTConfig, path: Path) -> dict:
+    """SpaceThinker test rows answered in the model's format and scored by meaning (numbers within a tolerance
+    after unit conversion, yes/no, which one); cached in `path` under the model's fingerprint."""
+    from spatialstudy.evaluation.eval import model_fingerprint
+    from spatialstudy.evaluation.meaning import score_meaning
+    from spatialstudy.models.generation import generate_batch
+
+    key = {"model": model_fingerprint(model), "target": target, "rows": len(rows), "system": cfg.system_prompt}
+    if path.exists() and runs.read_json(path).get("key") == key:
+        return runs.read_json(path)["summary"]
+    rows, msgs, options = meaning_prompts(rows, target, cfg)
+    tokens = eval_settings(cfg, "meaning", target).max_new_tokens
+    gens = []
+    for i in range(0, len(msgs), cfg.eval_batch_size):
+        gens += [g["raw"] for g in generate_batch(model.eval(), processor, msgs[i:i + cfg.eval_batch_size], tokens)]
+    scored = [{"question": r.question, "gold": r.answer, "generated": _chosen_text(g, o)}
+              for r, g, o in zip(rows, gens, options)]
+    summary = score_meaning(scored)
+    runs.write_json(path, {"key": key, "summary": summary, "rows": scored})
+    return summary
+
+
+# ---------------------------------------------------------------- the stage
+PARTITIONS = ("overall", "base", "sft", "test_only")
+PARTITION_LABELS = {"overall": "overall", "base": "retention (base)", "sft": "seen (sft)",
+                    "test_only": "unseen (test_only)"}
+
+
+def paired_by_partition(a: dict, b: dict, records: list) -> dict:
+    """a minus b on the same headline items, overall and per partition (difference, image-bootstrap CI, McNemar)."""
+    from spatialstudy.evaluation.predictions import headline_predictions
+    from spatialstudy.scoring import paired_difference
+
+    out = {}
+    for part in PARTITIONS:
+        p = None if part == "overall" else part
+        rows_a, rows_b = headline_predictions(a, records, p), headline_predictions(b, records, p)
+        if rows_a:
+            out[part] = paired_difference(rows_a, rows_b)
+    return out
+
+
+def blind_summary(summary: dict) -> dict:
+    return summary["controls"]["blind"]
+
+
+REAL_NAMES = {"student": "real_3b", "teacher": "real_7b"}   # the baseline stage's names for real checkpoints
+
+
+def baseline_summary(profile: str, model: str, spec: str = "tiny-student") -> dict:
+    """A base's evaluation as the baseline stage recorded it (same items, full precision): read, not recomputed.
+    `model` is "student" or "teacher"; a spec that is not a tiny one is the baseline's real_3b / real_7b."""
+    metrics = runs.read_json(runs.require_run(profile, BASELINE_STAGE) / "metrics.json")
+    name = model if spec.startswith("tiny-") else REAL_NAMES[model]
+    if name not in metrics["models"]:
+        raise KeyError(f"runs/{profile}/{BASELINE_STAGE} has no {name!r} base (spec {spec!r}); give it to "
+                       f"{BASELINE_STAGE} (real_student / real_teacher) and re-run that stage")
+    return metrics["models"][name]
+
+
+def base_entry(model: str, cfg: SFTConfig, profile: str, records: list, out: Path, rows: list) -> dict:
+    """The base an arm is compared with, under the arm's quantisation: the baseline stage's run when the arms are
+    full precision; a 4-bit evaluation of the base here when they are 4-bit (so no difference is a quantisation
+    effect). Its SpaceThinker test rows are scored by meaning in the mcq format (what the bases were taught)."""
+    spec = cfg.student if model == "student" else cfg.teacher
+    model_obj, processor, quantized = load_base(spec, profile, cfg)
+    if quantized:
+        summary = benchmark(model_obj, processor, records, out, eval_settings(cfg, f"{model}_base_4bit", "mcq"))
+    else:
+        summary = baseline_summary(profile, model, spec)
+    meaning = meaning_eval(model_obj, processor, rows, "mcq", cfg, out / f"meaning_{model}_base.json")
+    return {"quantized": quantized, "source": "4-bit here" if quantized else BASELINE_STAGE, "eval": summary,
+            "meaning": meaning}
+
+
+def arm_entry(arm: Arm, cfg: SFTConfig, profile: str, records: list, out: Path, rows: tuple) -> dict:
+    """Train (or load) one arm, evaluate it with its blind control, score SpaceThinker test rows by meaning."""
+    import gc
+
+    model, processor, log, quantized = trained_arm(arm, cfg, profile, out, rows)
+    summary = benchmark(model, processor, records, out, eval_settings(cfg, arm.name, arm.target))
+    meaning = meaning_eval(model, processor, rows[1], arm.target, cfg, out / f"meaning_{arm.name}.json")
+    del model
+    gc.collect()
+    train = {k: log[k] for k in ("train_s", "steps", "params", "peak_memory", "resumed_from") if k in log}
+    return {"arm": asdict(arm), "quantized": quantized, "train": train, "eval": summary, "meaning": meaning,
+            "losses": loss_curves(log)}
+
+
+def loss_curves(log: dict) -> dict:
+    """{"train": [(step, loss)], "val": [(step, eval_loss)]} from the Trainer's log history."""
+    hist = log.get("log_history", [])
+    return {"train": [(h["step"], h["loss"]) for h in hist if "loss" in h],
+            "val": [(h["step"], h["eval_loss"]) for h in hist if "eval_loss" in h]}
+
+
+def accuracy(summary: dict, scorer: str = "official") -> dict:
+    """{partition: accuracy} of an evaluation summary (overall first)."""
+    s = summary["scorers"][scorer]
+    return {"overall": s["accuracy"], **{p: b["accuracy"] for p, b in s["by_partition"].items()}}
+
+
+def comparisons(arms: dict, bases: dict, records: list) -> dict:
+    """Paired differences on the same items: every arm minus its base, minus its own blind control, the image arm
+    minus its blank-image arm, and the fine-tuned teacher minus the fine-tuned student (each format)."""
+    out = {}
+    for name, a in arms.items():
+        out[f"{name} - base"] = paired_by_partition(a["eval"], bases[a["arm"]["model"]]["eval"], records)
+        out[f"{name} - its blind"] = paired_by_partition(a["eval"], blind_summary(a["eval"]), records)
+        if f"{name}_blank" in arms:
+            out[f"{name} - {name}_blank"] = paired_by_partition(a["eval"], arms[f"{name}_blank"]["eval"], records)
+    for target in ("mcq", "spacethinker", "answer_only"):
+        t, s = arms.get(f"teacher_{target}"), arms.get(f"student_{target}")
+        if t and s:
+            out[f"teacher_{target} - student_{target}"] = paired_by_partition(t["eval"], s["eval"], records)
+    return out
+
+
+# ---------------------------------------------------------------- figures and the summary table
+def _groups(scorer: dict) -> dict:
+    """{partition label: (accuracy, lo, hi)}: overall, then each partition."""
+    out = {"overall": (scorer["accuracy"], *scorer["ci95"])}
+    return {**out, **{PARTITION_LABELS.get(p, p): (b["accuracy"], *b["ci95"]) for p, b in scorer["by_partition"].items()}}
+
+
+def models_in_order(metrics: dict) -> dict:
+    """{label: evaluation summary}: each base, then its arms."""
+    out = {}
+    for model, base in metrics["bases"].items():
+        out[f"{model} base"] = base["eval"]
+        out.update({name: a["eval"] for name, a in metrics["arms"].items() if a["arm"]["model"] == model})
+    return out
+
+
+def accuracy_figure(metrics: dict, scorer: str = "official"):
+    """Accuracy by partition for every base and arm, each beside its own blind control."""
+    from spatialstudy import plotting
+
+    series = {}
+    for label, summary in models_in_order(metrics).items():
+        series[label] = _groups(summary["scorers"][scorer])
+        series[f"{label} blind"] = _groups(blind_summary(summary)["scorers"][scorer])
+    return plotting.accuracy_bars(series, paired=True, title=f"SFT arms on the benchmark ({scorer} scorer)")
+
+
+def loss_figure(metrics: dict):
+    """Training and validation loss (SpaceThinker test split) of every arm."""
+    import matplotlib.pyplot as plt
+
+    from spatialstudy import plotting
+
+    plotting.setup_style()
+    arms = metrics["arms"]
+    fig, axes = plt.subplots(1, len(arms), figsize=(3.2 * len(arms), 2.8), squeeze=False)
+    for ax, (name, a) in zip(axes.flat, arms.items()):
+        for part, style in (("train", "-"), ("val", "o-")):
+            pts = a["losses"][part]
+            if pts:
+                ax.plot(*zip(*pts), style, label=part, ms=3)
+        ax.set(title=name, xlabel="step", ylabel="loss")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def save_figures(metrics: dict, profile: str) -> None:
+    import matplotlib.pyplot as plt
+
+    from spatialstudy import plotting
+
+    for scorer in ("official", "lenient"):
+        plotting.savefig(accuracy_figure(metrics, scorer), f"sft_accuracy_{scorer}", profile)
+    plotting.savefig(loss_figure(metrics), "sft_loss", profile)
+    plt.close("all")
+
+
+def accuracy_rows(metrics: dict) -> list[str]:
+    """One line per base / arm and partition: official and lenient accuracy, unparsed %, blind, image - blind."""
+    lines = [f"{'model':<22} {'partition':<19} {'n':>4} {'official':>8} {'unparsed':>8} {'lenient':>8} "
+             f"{'blind':>6} {'img-blind':>9}"]
+    for label, summary in models_in_order(metrics).items():
+        o = summary["scorers"]["official"]
+        blind = accuracy(blind_summary(summary))
+        for part, acc in accuracy(summary).items():
+            block = o if part == "overall" else o["by_partition"][part]
+            lo = accuracy(summary, "lenient")[part]
+            fail = f"{o['parse_failure_rate']:>8.1f}" if part == "overall" else " " * 8   # kept overall only
+            lines.append(f"{label:<22} {PARTITION_LABELS.get(part, part):<19} {block['n']:>4} {acc:>8.1f} "
+                         f"{fail} {lo:>8.1f} {blind[part]:>6.1f} {acc - blind[part]:>+9.1f}")
+    return lines
+
+
+def paired_rows(metrics: dict) -> list[str]:
+    lines = [f"{'comparison (paired, same items)':<44} {'partition':<19} {'diff':>6} {'95% CI':>14} {'p':>6}"]
+    for name, parts in metrics["paired"].items():
+        for part, d in parts.items():
+            ci = "[{:+.1f}, {:+.1f}]".format(*d["ci95"])
+            lines.append(f"{name:<44} {PARTITION_LABELS.get(part, part):<19} {d['diff']:>+6.1f} {ci:>14} "
+                         f"{d['p_mcnemar']:>6.3f}")
+    return lines
+
+
+def meaning_rows(metrics: dict) -> list[str]:
+    lines = ["SpaceThinker test rows scored by meaning (numbers within 25% after unit conversion, yes/no, which):"]
+    items = [(f"{m} base", b["meaning"]) for m, b in metrics["bases"].items()]
+    items += [(n, a["meaning"]) for n, a in metrics["arms"].items()]
+    for label, m in items:
+        lines.append(f"  {label:<22} {m['accuracy']:>5.1f}% (n {m['n']}, unparsed {m['parse_failure_rate']:.1f}%)")
+    return lines
+
+
+def summary_table(metrics: dict) -> str:
+    """Plain text: accuracy by model and partition with blind controls, paired differences, meaning scores, cost."""
+    cost = [f"  {n}: {a['train'].get('steps')} steps, {a['train'].get('train_s')} s, trainable "
+            f"{a['train']['params']['trainable']:,} / {a['train']['params']['total']:,}"
+            for n, a in metrics["arms"].items()]
+    return "\n".join(accuracy_rows(metrics) + [""] + paired_rows(metrics) + [""] + meaning_rows(metrics) +
+                     ["training cost:"] + cost)
+
+
+def run_sft(profile: str, cfg: SFTConfig) -> dict:
+    """Every arm of the config: train, evaluate with controls, compare on the same items; write the run dir."""
+    from spatialstudy.evaluation.eval import eval_records, eval_subset
+
+    runs.seed_everything(cfg.seed)
+    out = runs.run_dir(profile, STAGE)
+    records = eval_subset(eval_records(profile), cfg.n_eval or None, cfg.seed)  # stratified, when n_eval is set
+    rows = spacethinker_records(profile, cfg)
+    arms = [parse_arm(a) for a in cfg.arms]
+    bases = {m: base_entry(m, cfg, profile, records, out, rows[1]) for m in dict.fromkeys(a.model for a in arms)}
+    results = {a.name: arm_entry(a, cfg, profile, records, out, rows) for a in arms}
+    metrics = {"n_eval": len(records), "n_train": len(rows[0]), "n_val": len(rows[1]), "bases": bases,
+               "arms": results, "paired": comparisons(results, bases, records)}
+    runs.save_run(profile, STAGE, asdict(cfg), metrics)
+    save_figures(metrics, profile)
+    return metrics
+
+
+def main(profile: str, params: dict) -> dict:
+    """Entry point with params as papermill passes them (for scripts and the seed benchmark)."""
+    params = {**params, "profile": profile}
+    SFTConfig.check_keys(params, where=f"params/{profile}/{STAGE}.yaml")
+    return run_sft(profile, SFTConfig(**params))
