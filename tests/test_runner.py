@@ -1,4 +1,6 @@
 """The runner executes numbered notebooks with real papermill, logs budgets, and names a failing cell."""
+from pathlib import Path
+
 import nbformat
 import pytest
 
@@ -105,3 +107,22 @@ def test_valid_typed_params_pass_and_reach_the_stage(project, monkeypatch):
 def test_the_project_params_files_are_valid():
     for profile in ("ci", "smoke", "full"):
         run.validate_profile(run.stages(), profile)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb")),
+                         ids=lambda p: p.name)
+def test_parameters_cell_parses_into_the_config_fields(path):
+    """papermill must read every parameter of the cell (a comment holding "=" or quotes makes it skip the line,
+    and then warns 'Passed unknown parameter' for a value the profile sets): the names it reads are exactly the
+    stage config's fields."""
+    import dataclasses
+
+    from papermill.translators import PythonTranslator
+
+    from spatialstudy.configs import CONFIGS
+
+    nb = nbformat.read(path, as_version=4)
+    (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    names = [p.name for p in PythonTranslator.inspect(cell)]
+    assert len(names) == len([line for line in cell.source.splitlines() if line.strip()]), names
+    assert sorted(names) == sorted(f.name for f in dataclasses.fields(CONFIGS[path.stem])), path.name

@@ -562,13 +562,16 @@ def accuracy_rows(metrics: dict) -> list[str]:
     return lines
 
 
+def _paired_cell(d: dict | None) -> str:
+    return f"{d['diff']:+5.1f} [{d['ci95'][0]:+5.1f},{d['ci95'][1]:+5.1f}] p {d['p_mcnemar']:.3f}" if d else ""
+
+
 def paired_rows(metrics: dict) -> list[str]:
-    lines = [f"{'comparison (paired, same items)':<44} {'partition':<19} {'diff':>6} {'95% CI':>14} {'p':>6}"]
+    """One line per comparison, one column per partition: difference [95% CI] McNemar p, in points."""
+    head = "".join(f"{PARTITION_LABELS[p]:<30}" for p in PARTITIONS)
+    lines = [f"{'paired difference (same items)':<40} {head}"]
     for name, parts in metrics["paired"].items():
-        for part, d in parts.items():
-            ci = "[{:+.1f}, {:+.1f}]".format(*d["ci95"])
-            lines.append(f"{name:<44} {PARTITION_LABELS.get(part, part):<19} {d['diff']:>+6.1f} {ci:>14} "
-                         f"{d['p_mcnemar']:>6.3f}")
+        lines.append((f"{name:<40} " + "".join(f"{_paired_cell(parts.get(p)):<30}" for p in PARTITIONS)).rstrip())
     return lines
 
 
