@@ -282,13 +282,13 @@ def last_checkpoint(path: Path) -> str | None:
 
 
 def peak_memory() -> dict:
-    import resource
-
+    """Peak memory of training, measured as the harness measures evaluation."""
     import torch
 
-    if torch.cuda.is_available():
-        return {"bytes": int(torch.cuda.max_memory_allocated()), "kind": "cuda_max_memory_allocated"}
-    return {"bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "kind": "process_rss_peak"}
+    from spatialstudy.evaluation.eval import peak_memory_bytes
+
+    n, kind = peak_memory_bytes("cuda" if torch.cuda.is_available() else "cpu")
+    return {"bytes": n, "kind": kind}
 
 
 def fit(model, processor, cfg: SFTConfig, arm: Arm, path: Path, data: tuple, progress: bool = True) -> dict:
