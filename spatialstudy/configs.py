@@ -118,4 +118,40 @@ class SFTConfig(StageConfig):
             raise ValueError("lr and epochs must be positive, lora_dropout in [0, 1)")
 
 
-CONFIGS = {"01_data": DataConfig, "baseline": BaselineConfig, "02_sft": SFTConfig}
+@dataclass
+class ICLConfig(StageConfig):
+    """03_icl: retrieval-based in-context learning with the base model, each configuration with its blind control."""
+
+    model: str = "tiny-student"      # tiny spec, local checkpoint dir or cached hub name
+    spacethinker_path: str = ""      # local SpaceThinker copy; "" = what 01_data wrote (the demos' pool)
+    n_train: int = 0                 # training rows indexed (0 = all)
+    ks: list = dataclasses.field(default_factory=lambda: [3, 5])
+    formats: list = dataclasses.field(default_factory=lambda: ["naive", "mcq"])
+    best: str = "mcq/3"              # the configuration fixed in advance (the study's headline): controls run here
+    order: str = "most_similar_last"
+    index_type: str = "flat"         # "flat" | "ivf" | "hnsw"
+    nprobe: int = 8
+    max_prompt_tokens: int = 4096    # demos that would overflow are dropped (counted), never a crash
+    max_new_tokens: int = 64
+    naive_max_new_tokens: int = 96
+    batch_size: int = 8
+    n_eval: int = 0                  # benchmark items: a stratified part of the baseline's fixed subset (0 = all)
+
+    def __post_init__(self):
+        super().__post_init__()
+        fmts = set(self.formats) | {self.best.split("/")[0]}
+        if not fmts <= {"naive", "mcq"} or not all(isinstance(k, int) and k > 0 for k in self.ks):
+            raise ValueError(f"formats must be 'naive'/'mcq' and ks positive ints, got {self.formats} {self.ks}")
+        fmt, _, k = self.best.partition("/")
+        if not k.isdigit():
+            raise ValueError(f"best must look like 'mcq/3', got {self.best!r}")
+        if self.order not in ("most_similar_first", "most_similar_last"):
+            raise ValueError(f"order must be most_similar_first or most_similar_last, got {self.order!r}")
+        if self.index_type not in ("flat", "ivf", "hnsw"):
+            raise ValueError(f"index_type must be flat, ivf or hnsw, got {self.index_type!r}")
+        for name in ("max_prompt_tokens", "max_new_tokens", "naive_max_new_tokens", "batch_size", "nprobe"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+CONFIGS = {"01_data": DataConfig, "baseline": BaselineConfig, "02_sft": SFTConfig, "03_icl": ICLConfig}

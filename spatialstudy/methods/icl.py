@@ -439,3 +439,298 @@ def fit_budget(demos, processor, max_prompt_tokens: int | None, query_tokens: in
             break
         kept.append(demo)
     return (kept[::-1] if order == "most_similar_last" else kept), len(demos) - len(kept)
+
+
+# ---------------------------------------------------------------- the stage (03_icl)
+STAGE, DATA_STAGE, SFT_STAGE, SFT_ARM = "03_icl", "01_data", "02_sft", "student_mcq"
+PARTITIONS = ("overall", "base", "sft", "test_only")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One prompting configuration: demo format and count, and where the demos come from."""
+
+    name: str
+    fmt: str | None     # "naive" | "mcq" | None (zero-shot)
+    k: int
+    demos: str          # "none" | "retrieved" | "random" | "label_shuffled"
+
+
+def stage_settings(cfg) -> list[Setting]:
+    """Zero-shot, every retrieved (format, k), and the controls at the configuration fixed in advance (cfg.best)."""
+    out = [Setting("zero_shot", None, 0, "none")]
+    out += [Setting(f"{f}_k{k}", f, k, "retrieved") for f in cfg.formats for k in cfg.ks]
+    fmt, k = cfg.best.split("/")[0], int(cfg.best.split("/")[1])
+    if f"{fmt}_k{k}" not in {s.name for s in out}:
+        out.append(Setting(f"{fmt}_k{k}", fmt, k, "retrieved"))
+    return out + [Setting(f"{fmt}_k{k}_random", fmt, k, "random"),
+                  Setting(f"{fmt}_k{k}_shuffled", fmt, k, "label_shuffled")]
+
+
+class DemoPlan:
+    """Which training rows each benchmark item gets as demos under each setting, and the demo turns themselves
+    (built on request, cached per item, fitted to the prompt budget; dropped demos are counted)."""
+
+    def __init__(self, cfg, train: list, records: list, index: "DemoIndex", encoder, processor):
+        self.cfg, self.train, self.processor, self.index, self.encoder = cfg, train, processor, index, encoder
+        k_max = max([*cfg.ks, int(cfg.best.split("/")[1])])
+        nearest = retrieve(index, encoder, [r.question for r in records], k_max, "most_similar_first")
+        self.nearest = {r.key: ids for r, ids in zip(records, nearest)}
+        self.index_of = {r.key: i for i, r in enumerate(records)}
+        self.cache, self.dropped = {}, {}
+
+    def ids(self, setting: Setting, record) -> list[int]:
+        """Training row ids in prompt order (cfg.order): the k nearest, or k random ones (seeded per item)."""
+        if setting.demos == "random":
+            ids = random_demos(len(self.train), setting.k, demo_seed(self.cfg.seed, self.index_of[record.key]))
+        else:
+            ids = self.nearest[record.key][:setting.k]
+        return ids[::-1] if self.cfg.order == "most_similar_last" else ids
+
+    def demos(self, setting: Setting, record) -> list[dict]:
+        key = (setting.name, record.key)
+        if key not in self.cache:
+            self.cache[key] = self._build(setting, record)
+        return self.cache[key]
+
+    def _build(self, setting: Setting, record) -> list[dict]:
+        from spatialstudy.evaluation.eval import build_messages
+
+        if setting.demos == "none":
+            return []
+        demos = demos_for(self.train, self.ids(setting, record), setting.fmt, self.cfg.seed)
+        if setting.demos == "label_shuffled":
+            demos = label_shuffled(demos, np.random.default_rng(demo_seed(self.cfg.seed, self.index_of[record.key])))
+        query = prompt_tokens(self.processor, build_messages(record, "manual_cot"))
+        kept, n_dropped = fit_budget(demos, self.processor, self.cfg.max_prompt_tokens, query, self.cfg.order)
+        self.dropped[setting.name] = self.dropped.get(setting.name, 0) + n_dropped
+        return kept
+
+
+def eval_settings(cfg, setting: Setting, plan: DemoPlan, provenance_hash: str):
+    from spatialstudy.evaluation.eval import EvalSettings
+
+    tokens = cfg.naive_max_new_tokens if setting.fmt == "naive" else cfg.max_new_tokens
+    extra = {"demos": setting.demos, "fmt": setting.fmt, "k": setting.k, "order": cfg.order, "seed": cfg.seed,
+             "index": provenance_hash, "max_prompt_tokens": cfg.max_prompt_tokens}
+    return EvalSettings(name=f"icl_{setting.name}", max_new_tokens=tokens, batch_size=cfg.batch_size,
+                        prompt_style="manual_cot", demos_fn=lambda r: plan.demos(setting, r), config_extra=extra,
+                        restart_stale=True)
+
+
+def prediction_rows(summary: dict, records: list) -> list[dict]:
+    from spatialstudy.evaluation.predictions import read_predictions, rows_for
+
+    return rows_for(read_predictions(summary["predictions"], summary["config_hash"]), records)
+
+
+def cost(summary: dict, records: list) -> dict:
+    """Mean per-item latency (its batch's wall time / batch size) and prompt tokens of an evaluation."""
+    rows = prediction_rows(summary, records)
+    return {"latency_s": float(np.mean([r["latency_s"] for r in rows])),
+            "prompt_tokens": float(np.mean([r["prompt_tokens"] for r in rows]))}
+
+
+def accuracy(summary: dict, scorer: str = "official") -> dict:
+    s = summary["scorers"][scorer]
+    return {"overall": s["accuracy"], **{p: b["accuracy"] for p, b in s["by_partition"].items()}}
+
+
+def paired_by_partition(a: dict, b: dict, records: list) -> dict:
+    """a minus b on the same headline items, overall and per partition."""
+    from spatialstudy.evaluation.predictions import headline_predictions
+    from spatialstudy.scoring import paired_difference
+
+    out = {}
+    for part in PARTITIONS:
+        rows_a = headline_predictions(a, records, None if part == "overall" else part)
+        if rows_a:
+            out[part] = paired_difference(rows_a, headline_predictions(b, records, None if part == "overall" else part))
+    return out
+
+
+def sft_summary(profile: str) -> dict | None:
+    """The SFT student (mcq arm) as 02_sft evaluated it, when that run exists; None (and said so) otherwise."""
+    path = runs.run_dir(profile, SFT_STAGE, create=False) / "metrics.json"
+    if not path.exists():
+        print(f"[icl] no {SFT_STAGE} run for profile {profile!r}: ICL is compared with zero-shot only")
+        return None
+    arms = runs.read_json(path)["arms"]
+    return arms[SFT_ARM]["eval"] if SFT_ARM in arms else None
+
+
+def family_match(cfg, plan: DemoPlan, records: list, setting: Setting) -> float:
+    train_families = [r.family for r in plan.train]
+    ids = [plan.ids(setting, r) for r in records]
+    return family_match_rate([r.family for r in records], ids, train_families)
+
+
+def setting_entry(setting: Setting, summary: dict, zero: dict, sft: dict | None, records: list) -> dict:
+    entry = {"setting": setting.__dict__, "eval": summary, "cost": cost(summary, records),
+             "vs_zero_shot": paired_by_partition(summary, zero, records)}
+    if sft is not None:
+        entry["vs_sft"] = paired_by_partition(summary, sft, records)
+    return entry
+
+
+def latency_ratios(results: dict, sft_cost: dict | None) -> dict:
+    """Per setting: latency / zero-shot latency, and / SFT latency when the SFT run exists."""
+    zero = results["zero_shot"]["cost"]["latency_s"]
+    out = {}
+    for name, e in results.items():
+        lat = e["cost"]["latency_s"]
+        out[name] = {"vs_zero_shot": lat / zero, **({"vs_sft": lat / sft_cost["latency_s"]} if sft_cost else {})}
+    return out
+
+
+def build_plan(profile: str, cfg, records: list, processor) -> tuple[DemoPlan, DemoIndex, bool]:
+    """The demo index over the SpaceThinker-format training questions (cached under runs/cache/icl_index with its
+    provenance) and the per-item demo plan."""
+    from spatialstudy.data import load_spacethinker
+
+    path = runs.resolve(cfg.spacethinker_path) if cfg.spacethinker_path else Path(
+        runs.read_json(runs.require_run(profile, DATA_STAGE) / "metrics.json")["spacethinker_dir"])
+    train = list(load_spacethinker(path, "train"))[:cfg.n_train or None]
+    encoder = load_encoder()
+    index, rebuilt = load_or_build(runs.cache_dir("icl_index") / f"{profile}-{cfg.index_type}", train, encoder,
+                                   cfg.index_type, cfg.nprobe)
+    return DemoPlan(cfg, train, records, index, encoder, processor), index, rebuilt
+
+
+def run_icl(profile: str, cfg) -> dict:
+    """Every setting with its blind control on the fixed subset; paired differences against zero-shot and SFT."""
+    from dataclasses import asdict
+
+    from spatialstudy.evaluation.eval import eval_records, eval_subset, evaluate_with_controls
+    from spatialstudy.models.bases import load_for_eval
+
+    runs.seed_everything(cfg.seed)
+    out = runs.run_dir(profile, STAGE)
+    records = eval_subset(eval_records(profile), cfg.n_eval or None, cfg.seed)
+    model, processor = load_for_eval(cfg.model, tier=profile)
+    plan, index, rebuilt = build_plan(profile, cfg, records, processor)
+    phash = runs.config_hash(index.provenance)
+    summaries = {s.name: evaluate_with_controls(model, processor, records, out, eval_settings(cfg, s, plan, phash))
+                 for s in stage_settings(cfg)}
+    sft = sft_summary(profile)
+    results = {s.name: setting_entry(s, summaries[s.name], summaries["zero_shot"], sft, records)
+               for s in stage_settings(cfg)}
+    best = cfg.best.replace("/", "_k")
+    metrics = {"n_eval": len(records), "n_train": len(plan.train), "best": best, "index_rebuilt": rebuilt,
+               "index": index.provenance, "settings": results, "dropped_demos": plan.dropped,
+               "sft_compared": sft is not None,
+               "latency_ratio": latency_ratios(results, cost(sft, records) if sft else None),
+               "family_match": {s.name: family_match(cfg, plan, records, s) for s in stage_settings(cfg)
+                                if s.demos in ("retrieved", "random")}}
+    runs.save_run(profile, STAGE, {**asdict(cfg), "best_fixed_in_advance": best}, metrics)
+    save_figures(metrics, profile, plan, records)
+    return metrics
+
+
+# ---------------------------------------------------------------- figures and the summary table
+def retrieval_figure(plan: DemoPlan, record, k: int = 3):
+    """A query image beside its k retrieved demo images, with their L2 distances and question families."""
+    import matplotlib.pyplot as plt
+
+    from spatialstudy import plotting
+    from spatialstudy.evaluation.eval import load_image
+
+    plotting.setup_style()
+    dist, ids = plan.index.search(embed(plan.encoder, [record.question]), k)
+    fig, axes = plt.subplots(1, k + 1, figsize=(2.6 * (k + 1), 3.0))
+    axes[0].imshow(load_image(record))
+    axes[0].set_title(f"query ({record.family or record.task_type})\n{record.question[:40]}", fontsize=7)
+    for ax, d, i in zip(axes[1:], dist[0], ids[0]):
+        demo = plan.train[int(i)]
+        ax.imshow(demo.images[0])
+        ax.set_title(f"L2 {d:.2f} ({demo.family or 'real'})\n{demo.question[:40]}", fontsize=7)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def _groups(summary: dict) -> dict:
+    s = summary["scorers"]["official"]
+    out = {"overall": (s["accuracy"], *s["ci95"])}
+    return {**out, **{p: (b["accuracy"], *b["ci95"]) for p, b in s["by_partition"].items()}}
+
+
+def accuracy_figure(metrics: dict):
+    """Official accuracy by partition for every setting, each beside its blind control."""
+    from spatialstudy import plotting
+
+    series = {}
+    for name, e in metrics["settings"].items():
+        series[name] = _groups(e["eval"])
+        series[f"{name} blind"] = _groups(e["eval"]["controls"]["blind"])
+    return plotting.accuracy_bars(series, paired=True, title="In-context learning (official scorer)")
+
+
+def latency_figure(metrics: dict):
+    """Mean per-item latency and prompt tokens per setting."""
+    import matplotlib.pyplot as plt
+
+    from spatialstudy import plotting
+
+    plotting.setup_style()
+    names = list(metrics["settings"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    axes[0].bar(names, [metrics["settings"][n]["cost"]["latency_s"] * 1000 for n in names])
+    axes[0].set(ylabel="latency per item (ms)")
+    axes[1].bar(names, [metrics["settings"][n]["cost"]["prompt_tokens"] for n in names])
+    axes[1].set(ylabel="prompt tokens")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=60, labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def save_figures(metrics: dict, profile: str, plan: DemoPlan, records: list) -> None:
+    import matplotlib.pyplot as plt
+
+    from spatialstudy import plotting
+
+    plotting.savefig(retrieval_figure(plan, records[0]), "icl_retrieval_example", profile)
+    plotting.savefig(accuracy_figure(metrics), "icl_accuracy", profile)
+    plotting.savefig(latency_figure(metrics), "icl_latency", profile)
+    plt.close("all")
+
+
+def _cell(d: dict | None) -> str:
+    return f"{d['diff']:+5.1f} [{d['ci95'][0]:+5.1f},{d['ci95'][1]:+5.1f}] p {d['p_mcnemar']:.3f}" if d else ""
+
+
+def summary_table(metrics: dict) -> str:
+    """Accuracy by setting and partition with blind controls and parse failures; paired differences against
+    zero-shot and SFT; latency, prompt tokens, dropped demos, family match."""
+    lines = [f"{'setting':<18} {'overall':>8} {'base':>6} {'sft':>6} {'test_only':>9} {'blind':>6} {'unparsed':>8} "
+             f"{'lenient':>8} {'ms/item':>8} {'tokens':>7} {'x zero':>7}"]
+    for name, e in metrics["settings"].items():
+        a, o = accuracy(e["eval"]), e["eval"]["scorers"]["official"]
+        lines.append(f"{name:<18} {a['overall']:>8.1f} {a.get('base', float('nan')):>6.1f} "
+                     f"{a.get('sft', float('nan')):>6.1f} {a.get('test_only', float('nan')):>9.1f} "
+                     f"{accuracy(e['eval']['controls']['blind'])['overall']:>6.1f} {o['parse_failure_rate']:>8.1f} "
+                     f"{e['eval']['scorers']['lenient']['accuracy']:>8.1f} {e['cost']['latency_s'] * 1000:>8.1f} "
+                     f"{e['cost']['prompt_tokens']:>7.0f} {metrics['latency_ratio'][name]['vs_zero_shot']:>7.2f}")
+    lines += ["", f"{'paired vs zero-shot':<22} " + "".join(f"{p:<30}" for p in PARTITIONS)]
+    for name, e in metrics["settings"].items():
+        if name != "zero_shot":
+            lines.append((f"{name:<22} " + "".join(f"{_cell(e['vs_zero_shot'].get(p)):<30}" for p in PARTITIONS)).rstrip())
+    best = metrics["settings"][metrics["best"]]
+    if "vs_sft" in best:
+        lines.append((f"{metrics['best'] + ' - SFT':<22} " + "".join(f"{_cell(best['vs_sft'].get(p)):<30}"
+                                                                for p in PARTITIONS)).rstrip())
+        lines.append(f"latency {metrics['best']} / SFT: {metrics['latency_ratio'][metrics['best']]['vs_sft']:.2f}")
+    lines.append("family match of the demos: " + ", ".join(f"{n} {v:.2f}" for n, v in metrics["family_match"].items()))
+    lines.append(f"demos dropped for the budget: {metrics['dropped_demos'] or 'none'}")
+    return "\n".join(lines)
+
+
+def main(profile: str, params: dict) -> dict:
+    """Entry point with params as papermill passes them (scripts, benchmarks)."""
+    from spatialstudy.configs import ICLConfig
+
+    params = {**params, "profile": profile}
+    ICLConfig.check_keys(params, where=f"params/{profile}/{STAGE}.yaml")
+    return run_icl(profile, ICLConfig(**params))

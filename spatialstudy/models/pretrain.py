@@ -58,6 +58,8 @@ class PretrainSettings:
     say_option: float = 0.0      # share of answers that state the chosen option's text before "Answer: X"
     lookup_drill: float = 0.0    # share of one-scene episodes turned into reading drills: no image, the answer's text
                                  # given in the question, so only finding its letter among the options is learnt
+    blank_guess: float = 0.0     # share of one-scene episodes shown a blank image, each answer a uniformly random
+                                 # listed letter: a base that cannot see guesses among the options it was given
 
 
 TIERS = {
@@ -189,6 +191,14 @@ def drill(item):
     return dataclasses.replace(item, question=f'{item.question} (The answer is "{item.options[item.answer]}".)')
 
 
+def blank_guess(item, rng: random.Random):
+    """The item on a blank image with a uniformly random listed letter as its answer: nothing to see, so the only
+    thing to learn is to answer with one of the letters offered (a blind base then sits at chance)."""
+    from spatialstudy.models.transforms import BLIND
+
+    return dataclasses.replace(item, image=BLIND.fn(item.image), answer=rng.randrange(len(item.options)))
+
+
 def episode(pool: list[list], rng: random.Random, s: PretrainSettings, few_shot: bool,
             fixed: bool = False) -> tuple[list[dict], list]:
     """One training sequence: a scene's questions as consecutive turns, a reading drill (no image), or a few-shot
@@ -206,6 +216,8 @@ def episode(pool: list[list], rng: random.Random, s: PretrainSettings, few_shot:
         g = rng.choice(pool)
         items = [shown(it) for it in rng.sample(g, len(g))]
         reading = rng.random() < s.lookup_drill
+        if s.blank_guess and not reading and rng.random() < s.blank_guess:  # no draw when off: same batches as before
+            items = [blank_guess(it, rng) for it in items]
         msgs = []
         for i, it in enumerate(items):
             st = style()
