@@ -62,8 +62,9 @@ def main() -> None:
     settings = {}
     for name, e in metrics["settings"].items():
         ms = 1000 * e["cost"]["latency_s"]
-        share = retrieval_ms / (ms + retrieval_ms) if e["setting"]["demos"] == "retrieved" else 0.0
-        settings[name] = {"ms": ms, "retrieval_share": share, "vs_zero_shot": metrics["latency_ratio"][name]["vs_zero_shot"]}
+        share = retrieval_ms / (ms + retrieval_ms) if e["setting"]["demos"] in ("retrieved", "label_shuffled") else 0.0
+        ratio = metrics["latency_ratio"][name]["vs_zero_shot"]
+        settings[name] = {"ms": ms, "retrieval_share": share, "vs_zero_shot": ratio}
     result = {"n_queries": len(records), "n_train": len(plan.train), "index_type": cfg.index_type,
               "embed_ms": 1000 * t["embed_s"], "search_ms": 1000 * t["search_s"], "settings": settings}
     out = runs.root() / "reports" / "benchmarks"

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spatialstudy import runs  # noqa: E402
 from spatialstudy.configs import SFTConfig  # noqa: E402
+from spatialstudy.evaluation.compare import accuracy_by_partition  # noqa: E402
 from spatialstudy.evaluation.eval import eval_records, eval_subset  # noqa: E402
 from spatialstudy.methods import sft  # noqa: E402
 from spatialstudy.run import load_params  # noqa: E402
@@ -34,14 +35,14 @@ def one_seed(cfg: SFTConfig, seed: int, records: list, rows: tuple) -> dict:
     model, processor, log, _ = sft.trained_arm(arm, cfg, cfg.profile, out, rows)
     summary = sft.benchmark(model, processor, records, out, sft.eval_settings(cfg, arm.name, arm.target))
     return {"seed": seed, "train_s": log.get("train_s"), "official": summary["scorers"]["official"],
-            "blind": sft.accuracy(sft.blind_summary(summary))}
+            "blind": accuracy_by_partition(sft.blind_summary(summary))}
 
 
 def spread(results: list[dict]) -> dict:
     """Per partition: each seed's accuracy, their mean and standard deviation, and the first seed's bootstrap CI."""
     out = {}
     for part in results[0]["official"]["by_partition"] | {"overall": None}:
-        accs = [sft.accuracy({"scorers": {"official": r["official"]}})[part] for r in results]
+        accs = [accuracy_by_partition({"scorers": {"official": r["official"]}})[part] for r in results]
         block = results[0]["official"] if part == "overall" else results[0]["official"]["by_partition"][part]
         out[part] = {"accuracies": accs, "mean": statistics.mean(accs),
                      "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0, "ci95_first_seed": block["ci95"]}
@@ -51,7 +52,8 @@ def spread(results: list[dict]) -> dict:
 def markdown(profile: str, table: dict, results: list[dict]) -> str:
     lines = [f"# SFT training-seed variance ({profile}, arm {ARM})", "",
              "Reproduce: `python benchmarks/sft_seeds.py --profile " + profile + "`. Official scorer, headline items.",
-             "", "| partition | accuracy per seed | mean | sd (seeds) | 95% CI of one run (items) |", "|---|---|---|---|---|"]
+             "", "| partition | accuracy per seed | mean | sd (seeds) | 95% CI of one run (items) |",
+             "|---|---|---|---|---|"]
     for part, t in table.items():
         accs = " / ".join(f"{a:.1f}" for a in t["accuracies"])
         lines.append(f"| {part} | {accs} | {t['mean']:.1f} | {t['sd']:.1f} | "

