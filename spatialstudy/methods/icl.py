@@ -478,7 +478,7 @@ class DemoPlan:
         nearest = retrieve(index, encoder, [r.question for r in records], k_max, "most_similar_first")
         self.nearest = {r.key: ids for r, ids in zip(records, nearest)}
         self.index_of = {r.key: i for i, r in enumerate(records)}
-        self.cache, self.dropped = {}, {}
+        self.cache, self.dropped, self.query_tokens = {}, {}, {}
 
     def ids(self, setting: Setting, record) -> list[int]:
         """Training row ids in prompt order (cfg.order): the k nearest, or k random ones (seeded per item)."""
@@ -502,7 +502,9 @@ class DemoPlan:
         demos = demos_for(self.train, self.ids(setting, record), setting.fmt, self.cfg.seed)
         if setting.demos == "label_shuffled":
             demos = label_shuffled(demos, np.random.default_rng(demo_seed(self.cfg.seed, self.index_of[record.key])))
-        query = prompt_tokens(self.processor, build_messages(record, "manual_cot"))
+        if record.key not in self.query_tokens:  # the same for every setting: load and tokenise the query once
+            self.query_tokens[record.key] = prompt_tokens(self.processor, build_messages(record, "manual_cot"))
+        query = self.query_tokens[record.key]
         kept, n_dropped = fit_budget(demos, self.processor, self.cfg.max_prompt_tokens, query, self.cfg.order)
         self.dropped[setting.name] = self.dropped.get(setting.name, 0) + n_dropped
         return kept

@@ -380,8 +380,9 @@ def meaning_eval(model, processor, rows: list, target: str, cfg: SFTConfig, path
     from spatialstudy.models.generation import generate_batch
 
     key = {"model": model_fingerprint(model), "target": target, "rows": len(rows), "system": cfg.system_prompt}
-    if path.exists() and runs.read_json(path).get("key") == key:
-        return runs.read_json(path)["summary"]
+    cached = runs.read_json(path) if path.exists() else {}
+    if cached.get("key") == key:
+        return cached["summary"]
     rows, msgs, options = meaning_prompts(rows, target, cfg)
     tokens = eval_settings(cfg, "meaning", target).max_new_tokens
     gens = []
