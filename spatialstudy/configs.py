@@ -67,13 +67,12 @@ def arm_parts(text: str) -> tuple[str, str, bool]:
 
 
 @dataclass
-class SFTConfig(StageConfig):
-    """02_sft: (Q)LoRA fine-tuning arms on SpaceThinker-schema rows, each evaluated with its own blind control."""
+class LoraTrainConfig(StageConfig):
+    """What every LoRA-training stage shares (02_sft, 04_distill): the bases, the rows, LoRA / QLoRA and the
+    Trainer's settings, and how its models are evaluated."""
 
     student: str = "tiny-student"    # tiny spec, local checkpoint dir or cached hub name
     teacher: str = "tiny-teacher"
-    arms: list = dataclasses.field(default_factory=lambda: ["student/mcq", "student/spacethinker",
-                                                            "student/mcq/blank", "teacher/mcq"])
     spacethinker_path: str = ""      # local SpaceThinker copy; "" = what 01_data wrote
     n_train: int = 32                # training rows (0 = all)
     n_val: int = 16                  # validation rows from the test split (0 = all)
@@ -83,10 +82,8 @@ class SFTConfig(StageConfig):
     lora_modules: str = "all"        # "all": attention + MLP projections of the language model; "qv": the study's
     quantize: bool = False           # 4-bit NF4 base (QLoRA)
     quantize_vision: bool = False    # also quantise the vision tower (the study did; lm_head always stays whole)
-    loss_on_prompt: bool = False     # the study trained on the prompt too
     system_prompt: str = ""          # "" = Qwen's default; full-repro: the study's VL-Thinking prompt
     lr: float = 1e-3
-    teacher_lr: float = 0.0          # 0 = lr
     epochs: float = 1.0
     max_steps: int = 4               # > 0 overrides epochs
     batch_size: int = 8
@@ -100,22 +97,87 @@ class SFTConfig(StageConfig):
     eval_steps: int = 2
     save_steps: int = 2
     eval_batch_size: int = 16
-    max_new_tokens: int = 64         # mcq arms (reasoning, then "Answer: X": up to ~60 tokens on the embedded default)
-    spacethinker_max_new_tokens: int = 96
+    max_new_tokens: int = 64         # mcq answers (reasoning, then "Answer: X": up to ~60 tokens on the embedded default)
     n_eval: int = 0                  # benchmark items: a stratified part of the baseline's fixed subset (0 = all of it)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lora_modules not in ("all", "qv"):
+            raise ValueError(f"lora_modules must be 'all' or 'qv', got {self.lora_modules!r}")
+        for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "eval_batch_size", "max_new_tokens",
+                     "logging_steps", "eval_steps", "save_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not (self.lr > 0 and self.epochs > 0 and 0 <= self.lora_dropout < 1):
+            raise ValueError("lr and epochs must be positive, lora_dropout in [0, 1)")
+
+
+@dataclass
+class SFTConfig(LoraTrainConfig):
+    """02_sft: (Q)LoRA fine-tuning arms on SpaceThinker-schema rows, each evaluated with its own blind control."""
+
+    arms: list = dataclasses.field(default_factory=lambda: ["student/mcq", "student/spacethinker",
+                                                            "student/mcq/blank", "teacher/mcq"])
+    loss_on_prompt: bool = False     # the study trained on the prompt too
+    teacher_lr: float = 0.0          # 0 = lr
+    spacethinker_max_new_tokens: int = 96
 
     def __post_init__(self):
         super().__post_init__()
         for arm in self.arms:
             arm_parts(arm)
-        if self.lora_modules not in ("all", "qv"):
-            raise ValueError(f"lora_modules must be 'all' or 'qv', got {self.lora_modules!r}")
-        for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "eval_batch_size", "max_new_tokens",
-                     "spacethinker_max_new_tokens", "logging_steps", "eval_steps", "save_steps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not (self.lr > 0 and self.epochs > 0 and 0 <= self.lora_dropout < 1):
-            raise ValueError("lr and epochs must be positive, lora_dropout in [0, 1)")
+        if self.spacethinker_max_new_tokens <= 0:
+            raise ValueError(f"spacethinker_max_new_tokens must be positive, got {self.spacethinker_max_new_tokens}")
+
+
+DISTILL_LOSSES = ("sft", "logit_kd", "attn_kd", "combined")
+DISTILL_SETTINGS = ("scarce", "extra")
+
+
+def distill_arm_parts(text: str) -> tuple[str, str]:
+    """"combined/scarce" -> ("combined", "scarce"); "sft" -> ("sft", "full")."""
+    loss, _, setting = str(text).strip().partition("/")
+    if loss not in DISTILL_LOSSES or setting not in ("",) + DISTILL_SETTINGS or (setting == "extra" and loss != "sft"):
+        raise ValueError(f"distillation arm {text!r}: expected '<{'|'.join(DISTILL_LOSSES)}>[/scarce]' or "
+                         f"'sft/extra' (the hard-label student with the teacher's extra pretraining)")
+    return loss, setting or "full"
+
+
+@dataclass
+class DistillConfig(LoraTrainConfig):
+    """04_distill: the fine-tuned teacher distilled into the student (logit KD, attention KD, both), every student
+    arm with the same data, steps, LoRA and seed, each evaluated with its own blind control."""
+
+    arms: list = dataclasses.field(default_factory=lambda: ["sft", "logit_kd", "attn_kd", "combined",
+                                                            "sft/scarce", "combined/scarce", "sft/extra"])
+    best: str = "combined"           # the "best KD" of the results report, fixed in advance
+    teacher_arm: str = "teacher_mcq"   # the 02_sft arm whose adapter makes the fine-tuned teacher
+    student_arm: str = "student_mcq"   # the 02_sft arm the teacher gate compares it with
+    target: str = "mcq"              # training target format (the teacher's SFT format)
+    temperature: float = 1.5         # T of logit KD
+    alpha: float = 0.5               # CE share inside logit KD; the CE weight of the attention-KD-only arm
+    beta: float = 0.5                # attention KD weight
+    gamma: float = 0.5               # logit KD weight in the combined arm
+    similarity: str = "l1"           # head matching: "dot" | "cosine" | "l1" (the study's code)
+    layer_pairing: str = "concat"    # student layers sharing a teacher layer: "concat" their heads | "pairs"
+    vocab: str = "slice"             # vocab sizes differ: "slice" both to the smaller | "resize_student" (the study)
+    scarce_fraction: float = 0.1     # the data-scarce setting's share of the training rows
+    n_dev: int = 40                  # teacher gate: dev items generated apart from the benchmark (own stream)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for arm in self.arms:
+            distill_arm_parts(arm)
+        distill_arm_parts(self.best)
+        choices = {"similarity": ("dot", "cosine", "l1"), "layer_pairing": ("concat", "pairs"),
+                   "vocab": ("slice", "resize_student"), "target": ARM_TARGETS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not (self.temperature > 0 and 0 <= self.alpha <= 1 and self.beta >= 0 and self.gamma >= 0):
+            raise ValueError("temperature must be positive, alpha in [0, 1], beta and gamma non-negative")
+        if not (0 < self.scarce_fraction <= 1 and self.n_dev > 0):
+            raise ValueError("scarce_fraction must be in (0, 1] and n_dev positive")
 
 
 @dataclass
@@ -154,4 +216,5 @@ class ICLConfig(StageConfig):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
-CONFIGS = {"01_data": DataConfig, "baseline": BaselineConfig, "02_sft": SFTConfig, "03_icl": ICLConfig}
+CONFIGS = {"01_data": DataConfig, "baseline": BaselineConfig, "02_sft": SFTConfig, "03_icl": ICLConfig,
+           "04_distill": DistillConfig}

@@ -100,6 +100,20 @@ def config_hash(obj: Any, length: int = 12) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:length]
 
 
+def keyed_dir(path: Path | str, identity: dict, who: str = "run", marker: str = "arm.json") -> Path:
+    """`path`, emptied first when its marker file names another identity (changed settings or data), so a
+    checkpoint or adapter of other settings is never resumed or reused."""
+    import shutil
+
+    path, key = Path(path), config_hash(identity)
+    marker = path / marker
+    if marker.exists() and read_json(marker).get("hash") != key:
+        print(f"[{who}] {path} holds a run with other settings: starting afresh")
+        shutil.rmtree(path)
+    write_json(marker, {"hash": key, **identity})
+    return path
+
+
 def save_run(profile: str, name: str, config: Any, metrics: dict) -> Path:
     """Write config.json then metrics.json; metrics.json last, so its presence marks a finished run."""
     out = run_dir(profile, name)

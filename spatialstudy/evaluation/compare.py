@@ -39,3 +39,51 @@ def paired_by_partition(a: dict, b: dict, records) -> dict:
 def paired_cell(d: dict | None) -> str:
     """One paired difference as table text: "+1.2 [-0.3, +2.8] p 0.041"."""
     return f"{d['diff']:+5.1f} [{d['ci95'][0]:+5.1f},{d['ci95'][1]:+5.1f}] p {d['p_mcnemar']:.3f}" if d else ""
+
+
+BASELINE_STAGE = "baseline"
+REAL_NAMES = {"student": "real_3b", "teacher": "real_7b"}   # the baseline stage's names for real checkpoints
+
+
+def blind_summary(summary: dict) -> dict:
+    """The blind control (blank images) of an evaluation with controls."""
+    return summary["controls"]["blind"]
+
+
+def baseline_summary(profile: str, model: str, spec: str = "tiny-student") -> dict:
+    """A base's evaluation as the baseline stage recorded it (same items, full precision): read, not recomputed.
+    `model` is "student" or "teacher"; a spec that is not a tiny one is the baseline's real_3b / real_7b."""
+    from spatialstudy import runs
+
+    metrics = runs.read_json(runs.require_run(profile, BASELINE_STAGE) / "metrics.json")
+    name = model if spec.startswith("tiny-") else REAL_NAMES[model]
+    if name not in metrics["models"]:
+        raise KeyError(f"runs/{profile}/{BASELINE_STAGE} has no {name!r} base (spec {spec!r}); give it to "
+                       f"{BASELINE_STAGE} (real_student / real_teacher) and re-run that stage")
+    return metrics["models"][name]
+
+
+def accuracy_table(models: dict) -> list[str]:
+    """One line per model and partition: official and lenient accuracy, unparsed %, its blind control and image
+    minus blind. `models` = {label: evaluation summary with controls}."""
+    lines = [f"{'model':<22} {'partition':<19} {'n':>4} {'official':>8} {'unparsed':>8} {'lenient':>8} "
+             f"{'blind':>6} {'img-blind':>9}"]
+    for label, summary in models.items():
+        o = summary["scorers"]["official"]
+        blind = accuracy_by_partition(blind_summary(summary))
+        lenient = accuracy_by_partition(summary, "lenient")
+        for part, acc in accuracy_by_partition(summary).items():
+            block = o if part == "overall" else o["by_partition"][part]
+            fail = f"{o['parse_failure_rate']:>8.1f}" if part == "overall" else " " * 8   # kept overall only
+            lines.append(f"{label:<22} {PARTITION_LABELS.get(part, part):<19} {block['n']:>4} {acc:>8.1f} "
+                         f"{fail} {lenient[part]:>8.1f} {blind[part]:>6.1f} {acc - blind[part]:>+9.1f}")
+    return lines
+
+
+def paired_table(paired: dict) -> list[str]:
+    """One line per comparison, one column per partition: difference [95% CI] McNemar p, in points."""
+    head = "".join(f"{PARTITION_LABELS[p]:<30}" for p in PARTITIONS)
+    lines = [f"{'paired difference (same items)':<40} {head}"]
+    for name, parts in paired.items():
+        lines.append((f"{name:<40} " + "".join(f"{paired_cell(parts.get(p)):<30}" for p in PARTITIONS)).rstrip())
+    return lines

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import random
-import resource
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -33,7 +32,7 @@ from tqdm.auto import tqdm
 from spatialstudy import runs
 from spatialstudy.evaluation.predictions import (append_rows, discard_stale, merge_shards, predictions_path,
                                                  read_predictions, rows_for, shard_records, writer_lock)
-from spatialstudy.models.generation import generate_batch, generation_identity
+from spatialstudy.models.generation import generate_batch, generation_identity, peak_memory_bytes  # noqa: F401
 from spatialstudy.models.transforms import BLIND, GRAYSCALE, TRANSFORMS, ImageTransform  # noqa: F401 (GRAYSCALE)
 from spatialstudy.scoring import LETTERS, SCORERS, extract_answer, official_rule, paired_difference, summarize
 
@@ -216,13 +215,6 @@ def _param_cost(model) -> dict:
 
     n = count_params(model)
     return {"params_total": n["total"], "params_trainable": n["trainable"]}
-
-
-def peak_memory_bytes(device) -> tuple[int, str]:
-    """CUDA max_memory_allocated since the evaluation started, else the process's lifetime RSS peak."""
-    if torch.device(device).type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_rss_peak"  # Linux reports KiB
 
 
 # ---------------------------------------------------------------- the harness

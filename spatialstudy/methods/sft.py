@@ -17,23 +17,23 @@ Module-level imports stay light: the runner validates SFTConfig before any model
 """
 from __future__ import annotations
 
-import re
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from spatialstudy import runs
 from spatialstudy.configs import SFTConfig, arm_parts
-from spatialstudy.evaluation.compare import (PARTITION_LABELS, PARTITIONS, accuracy_by_partition, ci_groups,
-                                             paired_by_partition, paired_cell)
+from spatialstudy.evaluation.compare import (BASELINE_STAGE, accuracy_by_partition, accuracy_table,  # noqa: F401
+                                             baseline_summary, blind_summary, ci_groups, paired_by_partition,
+                                             paired_table)
+from spatialstudy.models.episodes import Episodes, mcq_episode, spacethinker_episode, spacethinker_target  # noqa: F401
+from spatialstudy.models.episodes import episodes as _episodes
+from spatialstudy.models.episodes import spacethinker_rows
+from spatialstudy.models.lora import (KEEP_UNQUANTIZED, LORA_MODULES, adapter_modules, base_checkpoint,  # noqa: F401
+                                      last_checkpoint, load_base, lora_config, peak_memory, training_args, lora_target_pattern, make_trainable,
+                                      quantization_available)
 
 STAGE = "02_sft"
-DATA_STAGE = "01_data"
-BASELINE_STAGE = "baseline"
-KEEP_UNQUANTIZED = ("model.visual", "lm_head")  # the vision tower and output layer stay whole unless asked
-LORA_MODULES = {"all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-                "qv": ("q_proj", "v_proj")}   # "qv": the study's own choice
 # The study's system prompt (VLAA-Thinker's "VL-Thinking" R1-style prompt), reconstructed from its description
 # (../shared/research/spacethinker.md): used only where a profile asks for it (full-repro).
 VL_THINKING_PROMPT = (
@@ -61,168 +61,14 @@ def parse_arm(text: str) -> Arm:
     return Arm(*arm_parts(text))
 
 
-# ---------------------------------------------------------------- LoRA on the language model only
-def lora_target_pattern(modules=LORA_MODULES["all"]) -> str:
-    """The regex peft full-matches against module names: projections inside the language model's decoder layers.
-    Anchored on `language_model.layers.N.` because the vision tower's MLPs carry the same names (gate_proj, up_proj,
-    down_proj): a plain name list or "all-linear" would put adapters on the vision tower too."""
-    names = "|".join(re.escape(m) for m in modules)
-    return rf"(?:.*\.)?language_model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"
-
-
-def lora_config(cfg: SFTConfig):
-    from peft import LoraConfig
-
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                      target_modules=lora_target_pattern(LORA_MODULES[cfg.lora_modules]), task_type="CAUSAL_LM")
-
-
-def adapter_modules(model) -> list[str]:
-    """Names of the modules that carry a LoRA adapter (for checks: none may sit in the vision tower)."""
-    return [n for n, m in model.named_modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A", {}))]
-
-
-# ---------------------------------------------------------------- loading (QLoRA when asked)
-def base_checkpoint(spec: str, profile: str) -> str:
-    """A checkpoint dir for a model spec: tiny specs are the cached bases pretrained at the profile's tier."""
-    from spatialstudy.models import bases, qwen
-
-    if qwen.parse_tiny(spec):
-        return str(bases.tiny_checkpoint(spec, profile))
-    local = runs.resolve(spec)
-    return str(local) if local.exists() else spec
-
-
-def quantization_available() -> tuple[bool, str]:
-    """Whether 4-bit loading can run here; the reason when it cannot."""
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - an import of a native library fails in many ways
-        return False, f"bitsandbytes cannot be imported ({type(e).__name__}: {e})"
-    return True, ""
-
-
-def load_base(spec: str, profile: str, cfg: SFTConfig, attn_implementation: str | None = None):
-    """(model, processor, quantized): the base as its arms train and evaluate it. 4-bit NF4 (double quantisation,
-    bf16 compute on CUDA) when cfg.quantize; the vision tower stays whole unless cfg.quantize_vision (lm_head
-    always does: transformers never quantises the output layer).
-    Where bitsandbytes cannot run, plain LoRA with a printed message (the metrics record which)."""
-    import torch
-
-    from spatialstudy.models import qwen
-
-    path, cuda = base_checkpoint(spec, profile), torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda else torch.float32
-    ok, why = quantization_available() if cfg.quantize else (False, "")
-    if cfg.quantize and not ok:
-        print(f"[sft] 4-bit requested but {why}: training plain LoRA on the full-precision base instead")
-    keep = () if cfg.quantize_vision else KEEP_UNQUANTIZED
-    model, processor = qwen.load_checkpoint(path, dtype=dtype, quantize_4bit=cfg.quantize and ok,
-                                            keep_unquantized=keep, attn_implementation=attn_implementation,
-                                            device_map="auto" if cuda else None)
-    return model, processor, cfg.quantize and ok
-
-
-def make_trainable(model, cfg: SFTConfig, quantized: bool):
-    """The base wrapped in a LoRA peft model; k-bit preparation first for a 4-bit base (norms to fp32, input grads,
-    non-reentrant gradient checkpointing when asked)."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
-    ckpt_kw = {"use_reentrant": False}
-    if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=ckpt_kw)
-    elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kw)
-        model.enable_input_require_grads()
-    return get_peft_model(model, lora_config(cfg))
-
-
-# ---------------------------------------------------------------- training rows
-def _blank(image):
-    from spatialstudy.models.transforms import BLIND
-
-    return BLIND.fn(image)
-
-
-def _images(record, blank: bool) -> list:
-    images = list(record.images or [])
-    return [_blank(im) for im in images] if blank else images
-
-
-def _user(text: str, images: list) -> dict:
-    content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}]
-    return {"role": "user", "content": content}
-
-
-def _chat(system: str, user: dict, answer: str) -> list[dict]:
-    from spatialstudy.data.prompts import assistant_turn
-
-    sys_turn = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
-    return sys_turn + [user, assistant_turn(answer)]
-
-
-def spacethinker_target(record) -> str:
-    """The study's target: the reasoning trace in <think>, then the free-text answer in <answer>."""
-    return f"<think>{record.reasoning.strip()}</think>\n<answer>{record.answer.strip()}</answer>"
-
-
-def spacethinker_episode(record, blank: bool = False, system: str = "") -> tuple[list[dict], list]:
-    images = _images(record, blank)
-    return _chat(system, _user(record.question, images), spacethinker_target(record)), images
-
-
-def mcq_episode(mcq, blank: bool = False, system: str = "") -> tuple[list[dict], list]:
-    """An MCQ (data.mcq.to_mcq, with reasoning) as the benchmark asks it: the official manual-CoT prompt with the
-    lettered options; the target is the reasoning, then "Answer: X"."""
-    from spatialstudy.data.prompts import omnispatial_prompt
-
-    images = _images(mcq, blank)
-    prompt = omnispatial_prompt(mcq.question, mcq.options, "manual_cot")
-    return _chat(system, _user(prompt, images), mcq.target), images
-
-
-class Episodes:
-    """A lazy dataset of chat episodes (images are read when a batch is built, not all at once)."""
-
-    def __init__(self, rows: list, build):
-        self.rows, self.build = rows, build
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.build(self.rows[i])
-
-
-def episodes(records: list, arm: Arm, cfg: SFTConfig, seed: int) -> tuple[Episodes, dict]:
-    """The arm's training (or validation) episodes and, for mcq, the conversion report (rows that cannot become
-    an MCQ are counted and skipped)."""
-    if arm.target == "spacethinker":
-        return Episodes(records, lambda r: spacethinker_episode(r, arm.blank, cfg.system_prompt)), {}
-    from spatialstudy.data.mcq import to_mcq_batch
-
-    mcqs, report = to_mcq_batch(records, seed=seed, with_reasoning=arm.target == "mcq")
-    return Episodes(mcqs, lambda m: mcq_episode(m, arm.blank, cfg.system_prompt)), report
+def episodes(records: list, arm: Arm, cfg: SFTConfig, seed: int):
+    """The arm's training (or validation) episodes and, for mcq, the conversion report."""
+    return _episodes(records, arm.target, arm.blank, cfg.system_prompt, seed)
 
 
 def spacethinker_records(profile: str, cfg: SFTConfig) -> tuple[list, list]:
-    """(train, validation) SpaceThinker-schema rows: the configured local copy, else what 01_data wrote; the
-    validation rows are the test split (the benchmark is never trained or validated on)."""
-    from spatialstudy.data import load_spacethinker
-
-    path = runs.resolve(cfg.spacethinker_path) if cfg.spacethinker_path else spacethinker_dir(profile)
-    train, val = load_spacethinker(path, "train"), load_spacethinker(path, "test")
-    return list(train)[:cfg.n_train or None], list(val)[:cfg.n_val or None]
-
-
-def spacethinker_dir(profile: str) -> Path:
-    metrics = runs.read_json(runs.require_run(profile, DATA_STAGE) / "metrics.json")
-    try:
-        return Path(metrics["spacethinker_dir"])
-    except KeyError:
-        raise KeyError(f"runs/{profile}/{DATA_STAGE}/metrics.json has no spacethinker path; re-run "
-                       f"{DATA_STAGE}") from None
+    """(train, validation) SpaceThinker-schema rows: the configured local copy, else what 01_data wrote."""
+    return spacethinker_rows(profile, cfg.spacethinker_path, cfg.n_train, cfg.n_val)
 
 
 # ---------------------------------------------------------------- training with transformers' Trainer
@@ -236,35 +82,11 @@ def arm_identity(arm: Arm, cfg: SFTConfig, base: str, n_rows: tuple[int, int]) -
 
 def arm_dir(out: Path, arm: Arm, identity: dict) -> Path:
     """out/<arm>, emptied first when it holds another identity's training (changed settings or data)."""
-    path, key = out / arm.name, runs.config_hash(identity)
-    marker = path / "arm.json"
-    if marker.exists() and runs.read_json(marker).get("hash") != key:
-        print(f"[sft] {path} holds an arm trained with other settings: training afresh")
-        shutil.rmtree(path)
-    runs.write_json(marker, {"hash": key, **identity})
-    return path
+    return runs.keyed_dir(out / arm.name, identity, "sft")
 
 
 def arm_lr(arm: Arm, cfg: SFTConfig) -> float:
     return cfg.teacher_lr if arm.model == "teacher" and cfg.teacher_lr else cfg.lr
-
-
-def training_args(cfg: SFTConfig, arm: Arm, path: Path, progress: bool = True):
-    """TrainingArguments: checkpoints and TensorBoard logs in the arm's dir, validation loss every eval_steps."""
-    import torch
-    from transformers import TrainingArguments
-
-    cuda = torch.cuda.is_available()
-    return TrainingArguments(
-        output_dir=str(path), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=arm_lr(arm, cfg), num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps or -1, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
-        max_grad_norm=cfg.max_grad_norm, weight_decay=cfg.weight_decay, logging_steps=cfg.logging_steps,
-        eval_strategy="steps", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.save_steps,
-        save_total_limit=2, report_to=["tensorboard"], seed=cfg.seed, bf16=cuda, use_cpu=not cuda,
-        gradient_checkpointing=False,  # enabled (non-reentrant) by make_trainable, before peft wraps the model
-        remove_unused_columns=False, prediction_loss_only=True, dataloader_num_workers=0,
-        disable_tqdm=not progress, label_names=["labels"])
 
 
 def make_trainer(model, processor, cfg: SFTConfig, arm: Arm, path: Path, data: tuple, progress: bool = True):
@@ -272,25 +94,8 @@ def make_trainer(model, processor, cfg: SFTConfig, arm: Arm, path: Path, data: t
 
     from spatialstudy.models.chat import collate
 
-    return Trainer(model=model, args=training_args(cfg, arm, path, progress), train_dataset=data[0],
+    return Trainer(model=model, args=training_args(cfg, path, arm_lr(arm, cfg), progress), train_dataset=data[0],
                    eval_dataset=data[1], data_collator=lambda eps: collate(eps, processor, cfg.loss_on_prompt))
-
-
-def last_checkpoint(path: Path) -> str | None:
-    """The newest checkpoint-N under an arm's dir (what an interrupted run resumes from), else None."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(path)) if path.is_dir() else None
-
-
-def peak_memory() -> dict:
-    """Peak memory of training, measured as the harness measures evaluation."""
-    import torch
-
-    from spatialstudy.evaluation.eval import peak_memory_bytes
-
-    n, kind = peak_memory_bytes("cuda" if torch.cuda.is_available() else "cpu")
-    return {"bytes": n, "kind": kind}
 
 
 def fit(model, processor, cfg: SFTConfig, arm: Arm, path: Path, data: tuple, progress: bool = True) -> dict:
@@ -396,24 +201,6 @@ def meaning_eval(model, processor, rows: list, target: str, cfg: SFTConfig, path
 
 
 # ---------------------------------------------------------------- the stage
-def blind_summary(summary: dict) -> dict:
-    return summary["controls"]["blind"]
-
-
-REAL_NAMES = {"student": "real_3b", "teacher": "real_7b"}   # the baseline stage's names for real checkpoints
-
-
-def baseline_summary(profile: str, model: str, spec: str = "tiny-student") -> dict:
-    """A base's evaluation as the baseline stage recorded it (same items, full precision): read, not recomputed.
-    `model` is "student" or "teacher"; a spec that is not a tiny one is the baseline's real_3b / real_7b."""
-    metrics = runs.read_json(runs.require_run(profile, BASELINE_STAGE) / "metrics.json")
-    name = model if spec.startswith("tiny-") else REAL_NAMES[model]
-    if name not in metrics["models"]:
-        raise KeyError(f"runs/{profile}/{BASELINE_STAGE} has no {name!r} base (spec {spec!r}); give it to "
-                       f"{BASELINE_STAGE} (real_student / real_teacher) and re-run that stage")
-    return metrics["models"][name]
-
-
 def base_entry(model: str, cfg: SFTConfig, profile: str, records: list, out: Path, rows: list) -> dict:
     """The base an arm is compared with, under the arm's quantisation: the baseline stage's run when the arms are
     full precision; a 4-bit evaluation of the base here when they are 4-bit (so no difference is a quantisation
@@ -519,28 +306,11 @@ def save_figures(metrics: dict, profile: str) -> None:
 
 
 def accuracy_rows(metrics: dict) -> list[str]:
-    """One line per base / arm and partition: official and lenient accuracy, unparsed %, blind, image - blind."""
-    lines = [f"{'model':<22} {'partition':<19} {'n':>4} {'official':>8} {'unparsed':>8} {'lenient':>8} "
-             f"{'blind':>6} {'img-blind':>9}"]
-    for label, summary in models_in_order(metrics).items():
-        o = summary["scorers"]["official"]
-        blind = accuracy_by_partition(blind_summary(summary))
-        for part, acc in accuracy_by_partition(summary).items():
-            block = o if part == "overall" else o["by_partition"][part]
-            lo = accuracy_by_partition(summary, "lenient")[part]
-            fail = f"{o['parse_failure_rate']:>8.1f}" if part == "overall" else " " * 8   # kept overall only
-            lines.append(f"{label:<22} {PARTITION_LABELS.get(part, part):<19} {block['n']:>4} {acc:>8.1f} "
-                         f"{fail} {lo:>8.1f} {blind[part]:>6.1f} {acc - blind[part]:>+9.1f}")
-    return lines
+    return accuracy_table(models_in_order(metrics))
 
 
 def paired_rows(metrics: dict) -> list[str]:
-    """One line per comparison, one column per partition: difference [95% CI] McNemar p, in points."""
-    head = "".join(f"{PARTITION_LABELS[p]:<30}" for p in PARTITIONS)
-    lines = [f"{'paired difference (same items)':<40} {head}"]
-    for name, parts in metrics["paired"].items():
-        lines.append((f"{name:<40} " + "".join(f"{paired_cell(parts.get(p)):<30}" for p in PARTITIONS)).rstrip())
-    return lines
+    return paired_table(metrics["paired"])
 
 
 def meaning_rows(metrics: dict) -> list[str]:

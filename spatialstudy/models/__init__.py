@@ -3,6 +3,8 @@
     qwen         the image-only Qwen2.5-VL processor, tiny student/teacher specs, checkpoints, LoRA adapters
     tokenizer    the tiny models' small BPE tokenizer and the chat template
     chat         collating chat-formatted batches for training
+    episodes     SpaceThinker rows as chat episodes in each target format (free text, MCQ, answer only)
+    lora         LoRA / QLoRA on the language model only: target pattern, 4-bit loading, trainable wrapper
     generation   batched generation, shared by pretraining's held-out check and the evaluation harness
     transforms   image transforms (blind, grayscale) applied before a model sees an image
     pretrain     pretraining the tiny bases on the procedural data (cached under runs/cache/)

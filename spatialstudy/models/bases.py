@@ -16,12 +16,22 @@ from spatialstudy.models import pretrain, qwen
 PROFILE_TO_TIER = {"ci": "ci", "smoke": "smoke", "full": "full", "full-repro": "full"}
 
 
-def tiny_checkpoint(spec: str, tier: str = "smoke", seed: int = 0) -> Path:
-    """The cached dir of a pretrained tiny spec ("tiny-student" at a run profile or tier), trained on a miss."""
+def tiny_checkpoint(spec: str, tier: str = "smoke", seed: int = 0, steps: int | None = None) -> Path:
+    """The cached dir of a pretrained tiny spec ("tiny-student" at a run profile or tier), trained on a miss.
+    `steps` overrides the tier's pretraining steps (e.g. a student given the teacher's budget; cached apart)."""
+    from dataclasses import replace
+
     name, random_init = qwen.parse_tiny(spec)
     if random_init:
         raise ValueError(f"{spec!r} has random weights and no checkpoint")
-    return pretrain.pretrain_base(name, PROFILE_TO_TIER.get(tier, tier), seed=seed)
+    tier = PROFILE_TO_TIER.get(tier, tier)
+    settings = replace(pretrain.TIERS[(name, tier)], steps=steps) if steps else None
+    return pretrain.pretrain_base(name, tier, seed=seed, settings=settings)
+
+
+def pretrain_steps(spec: str, tier: str = "smoke") -> int:
+    """How many pretraining steps a tiny spec gets at a tier."""
+    return pretrain.TIERS[(qwen.parse_tiny(spec)[0], PROFILE_TO_TIER.get(tier, tier))].steps
 
 
 def load_model(spec, *, tier: str = "smoke", seed: int = 0, adapter=None, **load_kw):

@@ -59,3 +59,12 @@ def generate_batch(model, processor, messages: list[list[dict]], max_new_tokens:
     stop, prompt_len = _eos_ids(cfg), inputs["attention_mask"].sum(1).tolist()
     return [{"raw": r, "new_tokens": _n_generated(s, stop), "prompt_tokens": int(p)}
             for r, s, p in zip(raw, new, prompt_len)]
+
+
+def peak_memory_bytes(device) -> tuple[int, str]:
+    """CUDA max_memory_allocated since the last reset, else the process's lifetime RSS peak."""
+    import resource
+
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_rss_peak"  # Linux reports KiB
