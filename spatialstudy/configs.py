@@ -151,7 +151,7 @@ class DistillConfig(LoraTrainConfig):
     arms: list = dataclasses.field(default_factory=lambda: ["sft", "logit_kd", "attn_kd", "combined",
                                                             "sft/scarce", "combined/scarce", "sft/extra"])
     best: str = "combined"           # the "best KD" of the results report, fixed in advance
-    teacher_arm: str = "teacher_mcq"   # the 02_sft arm whose adapter makes the fine-tuned teacher
+    teacher_arm: str = "teacher_mcq"   # the 02_sft arm whose adapter makes the fine-tuned teacher; "base": no SFT
     student_arm: str = "student_mcq"   # the 02_sft arm the teacher gate compares it with
     target: str = "mcq"              # training target format (the teacher's SFT format)
     temperature: float = 1.5         # T of logit KD

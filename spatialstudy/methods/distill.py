@@ -111,7 +111,8 @@ def layer_map(n_student, n_teacher):
         raise ValueError(f"layer counts must be positive, got {n_student}, {n_teacher}")
     if n_student == 1:
         return [0]
-    return [math.floor((n_teacher - 1) / (n_student - 1) * l + 0.5) for l in range(n_student)]
+    # integer arithmetic: in floating point an exact half (23 -> 16, l = 11: 7.5) can land on 7.4999... and go down
+    return [(2 * (n_teacher - 1) * l + (n_student - 1)) // (2 * (n_student - 1)) for l in range(n_student)]
 
 
 def layer_groups(n_student: int, n_teacher: int, pairing: str = "concat") -> list[tuple[int, list[int]]]:
@@ -166,6 +167,20 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     raise ValueError(f"{type(model).__name__} has no language_model.layers: not a Qwen2.5-VL model?")
 
 
+class _Rows(torch.autograd.Function):
+    """probs.gather(2, idx) that keeps the index on ctx instead of saving tensors for backward: under non-reentrant
+    gradient checkpointing the recomputed forward (capture closed) must save exactly what the first one saved."""
+
+    @staticmethod
+    def forward(ctx, probs, idx):
+        ctx.idx, ctx.shape = idx, probs.shape
+        return probs.gather(2, idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.new_zeros(ctx.shape).scatter_add_(2, ctx.idx, grad), None
+
+
 class AttentionCapture:
     """Forward hooks on chosen decoder layers' self-attention that keep each layer's attention probabilities for the
     answer rows only ([B, H, A, K]), so the stored maps cost layers x heads x A x L, not layers x heads x L^2.
@@ -189,7 +204,7 @@ class AttentionCapture:
                                    "'eager' (sdpa / flash attention never return them)")
             b, h, _, k = probs.shape
             idx = self.rows[:, None, :, None].expand(b, h, self.rows.size(1), k).to(probs.device)
-            self.maps[i] = probs.gather(2, idx)
+            self.maps[i] = _Rows.apply(probs, idx)
         return hook
 
     def recording(self, rows: torch.Tensor):
@@ -733,11 +748,17 @@ def summary_table(metrics: dict) -> str:
 
 # ---------------------------------------------------------------- the stage
 def load_teacher(profile: str, cfg) -> tuple:
-    """(model, processor, identity, layer groups): the fine-tuned teacher (eager attention: its maps feed attention
-    KD and the head-matching figure) and the student-to-teacher layer groups."""
-    from spatialstudy.models.lora import base_checkpoint
+    """(model, processor, identity, layer groups): the fine-tuned teacher, or the teacher base when teacher_arm is
+    "base" (eager attention: its maps feed attention KD and the head-matching figure), and the student-to-teacher
+    layer groups."""
+    from spatialstudy.models.lora import base_checkpoint, load_base
 
-    model, processor, identity = load_sft_model(profile, cfg.teacher_arm, attn_implementation="eager")
+    if cfg.teacher_arm == "base":
+        model, processor, _ = load_base(cfg.teacher, profile, cfg, "eager")
+        model.eval().requires_grad_(False)
+        identity = base_checkpoint(cfg.teacher, profile)
+    else:
+        model, processor, identity = load_sft_model(profile, cfg.teacher_arm, attn_implementation="eager")
     n_student = runs.read_json(Path(base_checkpoint(cfg.student, profile)) / "config.json")
     n_student = n_student.get("text_config", n_student)["num_hidden_layers"]
     groups = layer_groups(n_student, len(decoder_layers(model)), cfg.layer_pairing)
