@@ -97,7 +97,7 @@ class LoraTrainConfig(StageConfig):
     eval_steps: int = 2
     save_steps: int = 2
     eval_batch_size: int = 16
-    max_new_tokens: int = 64         # mcq answers (reasoning, then "Answer: X": up to ~60 tokens on the embedded default)
+    max_new_tokens: int = 64         # mcq answers (reasoning, then "Answer: X": up to ~60 tokens here)
     n_eval: int = 0                  # benchmark items: a stratified part of the baseline's fixed subset (0 = all of it)
 
     def __post_init__(self):

@@ -81,7 +81,8 @@ def test_gradients_reach_only_the_students_lora(pair, loss):
     student, teacher, _, _, groups = pair
     w = distill.loss_weights(distill.StudentArm(loss), DistillConfig())
     total, parts = _backward(pair, w, [t for t, _ in groups], [s for _, ss in groups for s in ss])
-    expected = {"sft": {"ce"}, "logit_kd": {"logit_kd"}, "attn_kd": {"attn_kd", "ce"}, "combined": {"attn_kd", "logit_kd"}}
+    expected = {"sft": {"ce"}, "logit_kd": {"logit_kd"}, "attn_kd": {"attn_kd", "ce"},
+                "combined": {"attn_kd", "logit_kd"}}
     assert set(parts) - {"logits"} == expected[loss]
     assert all(torch.isfinite(v) for k, v in parts.items() if k != "logits") and total.item() > 0
     with_grad = [n for n, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]

@@ -506,7 +506,8 @@ def teacher_gate(teacher, profile: str, cfg, dev: list, out: Path, n_eval: int) 
     gc.collect()
     diff = paired_by_partition(t, s, dev)
     need = detectable(diff["overall"], len(dev), n_eval)
-    return {"n_dev": len(dev), "teacher": t["accuracy_official"], "student": s["accuracy_official"], "paired": diff,
+    return {"n_dev": len(dev), "teacher_arm": cfg.teacher_arm, "student_arm": cfg.student_arm,
+            "teacher": t["accuracy_official"], "student": s["accuracy_official"], "paired": diff,
             "detectable": need, "testable": bool(diff["overall"]["diff"] > 0 and diff["overall"]["diff"] >= need)}
 
 
@@ -618,7 +619,7 @@ def comparisons(arms: dict, teacher: dict, base: dict, records: list) -> dict:
         ref = "sft" if a["arm"]["setting"] in ("full", "extra") else f"sft_{a['arm']['setting']}"
         if name != ref and ref in arms:
             out[f"{name} - {ref}"] = paired_by_partition(a["eval"], arms[ref]["eval"], records)
-        if a["arm"]["setting"] == "full" and "sft_extra" in arms:
+        if a["arm"]["setting"] == "full" and name != "sft" and "sft_extra" in arms:
             out[f"{name} - sft_extra"] = paired_by_partition(a["eval"], arms["sft_extra"]["eval"], records)
         out[f"{name} - its blind"] = paired_by_partition(a["eval"], blind_summary(a["eval"]), records)
         out[f"{name} - student base"] = paired_by_partition(a["eval"], base["eval"], records)
@@ -628,10 +629,26 @@ def comparisons(arms: dict, teacher: dict, base: dict, records: list) -> dict:
     return out
 
 
+def arms_in_order(arms: dict) -> dict:
+    """The arms by setting (full, scarce, extra), then loss (sft, logit_kd, attn_kd, combined): metrics.json is
+    written with sorted keys, so its own order is alphabetical."""
+    from spatialstudy.configs import DISTILL_LOSSES
+
+    settings = ("full", "scarce", "extra")
+    return dict(sorted(arms.items(), key=lambda kv: (settings.index(kv[1]["arm"]["setting"]),
+                                                     DISTILL_LOSSES.index(kv[1]["arm"]["loss"]))))
+
+
+def teacher_label(metrics: dict) -> str:
+    """"teacher (teacher_mcq)": which 02_sft arm (or "base") the teacher is."""
+    return f"teacher ({metrics.get('teacher_arm', 'SFT')})"
+
+
 def models_in_order(metrics: dict) -> dict:
     """{label: evaluation summary}: the student base, each student arm, the fine-tuned teacher."""
     return {"student base": metrics["student_base"]["eval"],
-            **{name: a["eval"] for name, a in metrics["arms"].items()}, "teacher (SFT)": metrics["teacher"]["eval"]}
+            **{name: a["eval"] for name, a in arms_in_order(metrics["arms"]).items()},
+            teacher_label(metrics): metrics["teacher"]["eval"]}
 
 
 # ---------------------------------------------------------------- figures and the summary table
@@ -648,7 +665,8 @@ def accuracy_figure(metrics: dict):
 
 
 def _entries(metrics: dict) -> dict:
-    return {"student base": metrics["student_base"], **metrics["arms"], "teacher (SFT)": metrics["teacher"]}
+    return {"student base": metrics["student_base"], **arms_in_order(metrics["arms"]),
+            teacher_label(metrics): metrics["teacher"]}
 
 
 def cost_figure(metrics: dict):
@@ -674,20 +692,26 @@ def cost_figure(metrics: dict):
 
 def head_figure(matching: dict):
     """Head weights (teacher heads x concatenated student heads) of the widest layer group, one panel per
-    similarity, titled with the mean row entropy against the uniform entropy."""
+    similarity, each on its own colour range (near-uniform weights would be one flat colour on a 0-1 scale); the
+    title gives the mean row entropy against the uniform one and the largest weight against 1 / H_S."""
     import matplotlib.pyplot as plt
     import numpy as np
 
     from spatialstudy import plotting
 
     plotting.setup_style()
-    fig, axes = plt.subplots(1, len(matching), figsize=(3.4 * len(matching), 3.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(matching), figsize=(3.6 * len(matching), 3.2), squeeze=False)
     for ax, (sim, m) in zip(axes.flat, matching.items()):
         g = max(m["groups"], key=lambda g: len(g["student_layers"]))
-        im = ax.imshow(np.array(g["weights"]), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set(title=f"{sim}: entropy {m['entropy']:.2f} / {m['uniform_entropy']:.2f}",
-               xlabel=f"student heads (layers {g['student_layers']})", ylabel=f"teacher heads (layer {g['teacher_layer']})")
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
+        w = np.array(g["weights"])
+        im = ax.imshow(w, cmap="viridis", aspect="auto")
+        ax.grid(False)
+        ax.set(title=f"{sim}: H {m['entropy']:.3f} / {m['uniform_entropy']:.3f}, max {w.max():.2f} "
+                     f"(1/{w.shape[1]} = {1 / w.shape[1]:.2f})",
+               xlabel=f"student heads (layers {g['student_layers']})",
+               ylabel=f"teacher heads (layer {g['teacher_layer']})")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
     return fig
 
 
@@ -698,7 +722,7 @@ def loss_figure(metrics: dict):
     from spatialstudy import plotting
 
     plotting.setup_style()
-    arms = metrics["arms"]
+    arms = arms_in_order(metrics["arms"])
     fig, axes = plt.subplots(1, len(arms), figsize=(3.0 * len(arms), 2.8), squeeze=False)
     for ax, (name, a) in zip(axes.flat, arms.items()):
         for part, pts in a["losses"].items():
@@ -729,7 +753,8 @@ def gate_line(gate: dict) -> str:
         return f"teacher gate: not run ({gate['why']})"
     verdict = ("testable" if gate["testable"] else "NOT testable at this scale: the teacher's lead is below what "
                "the evaluation subset can detect, so the KD arms' differences are not read as a result")
-    return (f"teacher gate (dev slice, n {gate['n_dev']}): fine-tuned teacher - fine-tuned student "
+    pair = f"{gate.get('teacher_arm', 'teacher')} - {gate.get('student_arm', 'student')}"
+    return (f"teacher gate (dev slice, n {gate['n_dev']}): {pair} "
             f"{paired_cell(gate['paired']['overall'])}; detectable on the evaluation subset >= "
             f"{gate['detectable']:.1f} points: {verdict}")
 
@@ -738,7 +763,7 @@ def summary_table(metrics: dict) -> str:
     """Plain text: the gate, accuracy by model and partition with blind controls, paired differences, cost."""
     from spatialstudy.evaluation.compare import accuracy_table, paired_table
 
-    cost = [f"  {label:<16} {e['cost']['params']:>12,} params  {e['cost']['latency_s'] * 1e3:6.1f} ms/item"
+    cost = [f"  {label:<22} {e['cost']['params']:>10,} params  {e['cost']['latency_s'] * 1e3:6.1f} ms/item"
             + (f"  trained {e['train']['steps']} steps on {e['train'].get('rows')} rows in {e['train']['train_s']} s"
                if "train" in e else "") for label, e in _entries(metrics).items()]
     return "\n".join([gate_line(metrics["gate"]), f"best KD (fixed in advance): {metrics['best']}", ""] +
@@ -790,6 +815,7 @@ def run_distill(profile: str, cfg) -> dict:
     arms = {a.name: arm_entry(a, cfg, profile, records, out, rows, teacher) for a in map(parse_arm, cfg.arms)}
     metrics = {"n_eval": len(records), "n_train": len(rows[0]), "n_val": len(rows[1]), "gate": gate,
                "best": parse_arm(cfg.best).name, "layer_groups": teacher[3], "arms": arms,
+               "teacher_arm": cfg.teacher_arm,
                "teacher": teacher_entry(teacher, records, out, cfg), "student_base": student_base_entry(profile, cfg),
                "head_matching": head_matching_entry(teacher, cfg, profile, rows[0], teacher[3])}
     metrics["sft_gap"] = runs.read_json(runs.require_run(profile, SFT_STAGE) / "metrics.json")["paired"].get(

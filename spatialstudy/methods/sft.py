@@ -30,8 +30,8 @@ from spatialstudy.models.episodes import Episodes, mcq_episode, spacethinker_epi
 from spatialstudy.models.episodes import episodes as _episodes
 from spatialstudy.models.episodes import spacethinker_rows
 from spatialstudy.models.lora import (KEEP_UNQUANTIZED, LORA_MODULES, adapter_modules, base_checkpoint,  # noqa: F401
-                                      last_checkpoint, load_base, lora_config, peak_memory, training_args, lora_target_pattern, make_trainable,
-                                      quantization_available)
+                                      last_checkpoint, load_base, lora_config, lora_target_pattern, make_trainable,
+                                      peak_memory, quantization_available, training_args)
 
 STAGE = "02_sft"
 # The study's system prompt (VLAA-Thinker's "VL-Thinking" R1-style prompt), reconstructed from its description
