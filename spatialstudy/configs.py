@@ -198,9 +198,12 @@ class ICLConfig(StageConfig):
     naive_max_new_tokens: int = 96
     batch_size: int = 8
     n_eval: int = 0                  # benchmark items: a stratified part of the baseline's fixed subset (0 = all)
+    colour_transforms: list = dataclasses.field(default_factory=lambda: ["grayscale", "hue_permuted"])  # for 05
 
     def __post_init__(self):
         super().__post_init__()
+        if not set(self.colour_transforms) <= {"grayscale", "hue_permuted"}:
+            raise ValueError(f"colour_transforms must come from grayscale, hue_permuted; got {self.colour_transforms}")
         fmts = set(self.formats) | {self.best.split("/")[0]}
         if not fmts <= {"naive", "mcq"} or not all(isinstance(k, int) and k > 0 for k in self.ks):
             raise ValueError(f"formats must be 'naive'/'mcq' and ks positive ints, got {self.formats} {self.ks}")
@@ -216,5 +219,50 @@ class ICLConfig(StageConfig):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
+GRAYSCALE_CONDITIONS = ("original", "grayscale", "hue_permuted", "blind")   # blind: blank images, the control
+
+
+@dataclass
+class GrayscaleConfig(StageConfig):
+    """05_grayscale: does colour matter? Every model on original, grayscale and hue-permuted images (and blank ones,
+    the blind control), on all questions, the non-colour questions and the three colour item groups; one more SFT
+    arm trained with grayscale augmentation (02_sft's recipe, read from its run, so only the images differ)."""
+
+    student: str = "tiny-student"    # the student base, loaded as the baseline stage loads it
+    sft_arm: str = "student_mcq"     # the 02_sft arm: the colour-trained model, and the recipe the gray arm repeats
+    gray_fraction: float = 0.5       # share of the training images shown in grayscale (rows fixed by the seed)
+    n_eval: int = 0                  # benchmark items: a stratified part of the baseline's fixed subset (0 = all of it)
+    n_control: int = 40              # equal-brightness positive-control items generated here (0 = no control)
+    conditions: list = dataclasses.field(default_factory=lambda: list(GRAYSCALE_CONDITIONS))   # images per model
+    max_new_tokens: int = 64
+    eval_batch_size: int = 16
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not {"original", "grayscale"} <= set(self.conditions) <= set(GRAYSCALE_CONDITIONS):
+            raise ValueError(f"conditions must include 'original' and 'grayscale' and come from "
+                             f"{GRAYSCALE_CONDITIONS}, got {self.conditions}")
+        model, _, target = self.sft_arm.partition("_")
+        if model not in ARM_MODELS or target not in ARM_TARGETS:
+            raise ValueError(f"sft_arm must name a 02_sft arm with real images, '<{'|'.join(ARM_MODELS)}>_"
+                             f"<{'|'.join(ARM_TARGETS)}>', got {self.sft_arm!r}")
+        if not 0 < self.gray_fraction <= 1:
+            raise ValueError(f"gray_fraction must be in (0, 1], got {self.gray_fraction}")
+        if self.n_eval < 0 or self.n_control < 0:
+            raise ValueError(f"n_eval and n_control must be >= 0, got {self.n_eval}, {self.n_control}")
+        for name in ("max_new_tokens", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class ResultsConfig(StageConfig):
+    """06_results: the study's summary read from every stage's run (metrics and prediction files), never
+    re-evaluated; a missing stage is reported with the command that makes it."""
+
+    build_missing_ci: bool = True    # at the ci tier build a missing earlier stage first (other tiers only report it)
+
+
 CONFIGS = {"01_data": DataConfig, "baseline": BaselineConfig, "02_sft": SFTConfig, "03_icl": ICLConfig,
-           "04_distill": DistillConfig}
+           "04_distill": DistillConfig, "05_grayscale": GrayscaleConfig,
+           "06_results": ResultsConfig}

@@ -107,3 +107,22 @@ def test_random_demos_are_k_training_rows_other_than_the_retrieved(setup):
         overlap += len(set(rand) & set(near))
         assert plan.ids(by[f"mcq_k{K}_random"], record) == rand     # seeded per item: the same every call
     assert overlap < K * len(records) / 2
+
+
+def test_colour_entries_rerun_the_best_setting_on_transformed_query_images(setup, tmp_path):
+    """05_grayscale reads the best ICL's grayscale run from here: the same demos (prompt tokens as in the original
+    run), only the query image transformed; the run's config hash and prediction file name carry the transform."""
+    from spatialstudy.evaluation.eval import evaluate
+    from spatialstudy.models.bases import load_model
+
+    plan, records = plan_for(setup, colour_transforms=["grayscale"], formats=["mcq"])
+    model, processor = load_model("tiny-student-random")
+    best = next(s for s in icl.stage_settings(plan.cfg) if s.name == f"mcq_k{K}")
+    original = evaluate(model, processor, records, tmp_path, icl.eval_settings(plan.cfg, best, plan, "h"))
+    colour = icl.colour_entries(model, processor, records, tmp_path, plan.cfg, plan, "h")
+    assert list(colour) == ["grayscale"]
+    gray = colour["grayscale"]
+    assert gray["n"] == original["n"] == len(records) and gray["config_hash"] != original["config_hash"]
+    assert "grayscale" in gray["predictions"] and gray["predictions"] != original["predictions"]
+    with pytest.raises(ValueError, match="colour_transforms"):
+        ICLConfig(colour_transforms=["sepia"])

@@ -607,9 +607,25 @@ def run_icl(profile: str, cfg) -> dict:
                "latency_ratio": latency_ratios(results, cost(sft, records) if sft else None),
                "family_match": {s.name: family_match(cfg, plan, records, s) for s in stage_settings(cfg)
                                 if s.demos in ("retrieved", "random")}}
+    metrics["colour"] = colour_entries(model, processor, records, out, cfg, plan, phash)
     runs.save_run(profile, STAGE, {**asdict(cfg), "best_fixed_in_advance": best}, metrics)
     save_figures(metrics, profile, plan, records)
     return metrics
+
+
+def colour_entries(model, processor, records: list, out: Path, cfg, plan: DemoPlan, phash: str) -> dict:
+    """The configuration fixed in advance again with every query image through each of cfg.colour_transforms
+    (demo images as retrieved): what 05_grayscale reads for the best ICL, since only this stage can rebuild the
+    demos. {transform name: evaluation summary}; the original images' run is settings[best]."""
+    from dataclasses import replace
+
+    from spatialstudy.evaluation.eval import evaluate
+    from spatialstudy.models.transforms import TRANSFORMS
+
+    best = next(s for s in stage_settings(cfg) if s.name == cfg.best.replace("/", "_k"))
+    settings = eval_settings(cfg, best, plan, phash)
+    return {t: evaluate(model, processor, records, out, replace(settings, transform=TRANSFORMS[t]))
+            for t in cfg.colour_transforms}
 
 
 # ---------------------------------------------------------------- figures and the summary table

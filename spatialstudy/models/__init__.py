@@ -6,7 +6,7 @@
     episodes     SpaceThinker rows as chat episodes in each target format (free text, MCQ, answer only)
     lora         LoRA / QLoRA on the language model only: target pattern, 4-bit loading, trainable wrapper
     generation   batched generation, shared by pretraining's held-out check and the evaluation harness
-    transforms   image transforms (blind, grayscale) applied before a model sees an image
+    transforms   image transforms (blind, grayscale, hue permutation) applied before a model sees an image
     pretrain     pretraining the tiny bases on the procedural data (cached under runs/cache/)
     bases        load_model(spec): any spec (checkpoint, cached hub name, tiny base pretrained on demand)
 

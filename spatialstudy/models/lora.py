@@ -74,6 +74,20 @@ def load_base(spec: str, profile: str, cfg, attn_implementation: str | None = No
     return model, processor, cfg.quantize and ok
 
 
+def load_adapted(base: str, adapter, cfg, attn_implementation: str | None = None):
+    """(model, processor) of a trained arm for evaluation: the base checkpoint it was trained from, loaded as its
+    stage loaded it (cfg.quantize, cfg.quantize_vision), with its LoRA adapter, frozen. Merged into the weights (a
+    plain model, as deployed) unless the base is 4-bit, where merging would round the adapter into the quantised
+    weights."""
+    from spatialstudy.models.qwen import load_adapter
+
+    model, processor, quantized = load_base("", "", cfg, attn_implementation, path=str(base))
+    model = load_adapter(model, adapter)
+    model = (model if quantized else model.merge_and_unload()).eval()
+    model.requires_grad_(False)
+    return model, processor
+
+
 def make_trainable(model, cfg, quantized: bool):
     """The base wrapped in a LoRA peft model; k-bit preparation first for a 4-bit base (norms to fp32, input grads,
     non-reentrant gradient checkpointing when asked)."""
