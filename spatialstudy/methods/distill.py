@@ -347,16 +347,12 @@ def load_sft_model(profile: str, arm: str, attn_implementation: str | None = Non
     adapter, frozen; identity = the arm's hash (a retrained teacher retrains every student)."""
     from types import SimpleNamespace
 
-    from spatialstudy.models.lora import load_base
-    from spatialstudy.models.qwen import load_adapter
+    from spatialstudy.models.lora import load_adapted
 
     path = sft_arm_dir(profile, arm)
     info, sft_cfg = runs.read_json(path / "arm.json"), runs.read_json(path.parent / "config.json")
     quant = SimpleNamespace(quantize=sft_cfg.get("quantize", False), quantize_vision=sft_cfg.get("quantize_vision"))
-    base, processor, quantized = load_base("", profile, quant, attn_implementation, path=info["base"])
-    model = load_adapter(base, path / "adapter")
-    model = (model if quantized else model.merge_and_unload()).eval()   # merged: a plain model, as deployed
-    model.requires_grad_(False)
+    model, processor = load_adapted(info["base"], path / "adapter", quant, attn_implementation)   # merged, frozen
     return model, processor, info["hash"]
 
 
