@@ -49,11 +49,13 @@ def _fresh():
     return load_model("tiny-student-random")[0]
 
 
-def _trainable(cfg: SFTConfig, model=None, seed: int = 0):
-    """A LoRA-wrapped fresh tiny student; the LoRA init (lora_A) is drawn from a seeded global RNG."""
+def _trainable(cfg: SFTConfig, model=None, seed: int | None = None):
+    """A LoRA-wrapped fresh tiny student; its LoRA init is drawn under cfg.seed, or under `seed` when given (the
+    training itself keeps cfg.seed)."""
+    from dataclasses import replace
+
     model = model if model is not None else _fresh()
-    torch.manual_seed(seed)
-    return sft.make_trainable(model, cfg, quantized=False)
+    return sft.make_trainable(model, cfg if seed is None else replace(cfg, seed=seed), quantized=False)
 
 
 def _lora_state(model) -> dict:
@@ -324,3 +326,15 @@ def test_bad_arms_are_rejected(bad):
 def test_bad_lora_modules_rejected():
     with pytest.raises(ValueError, match="lora_modules"):
         SFTConfig(lora_modules="all-linear")
+
+
+def test_lora_init_depends_on_the_seed_not_on_what_the_process_drew_before():
+    """An arm's LoRA initialisation is the same whether or not other arms drew random numbers first (arms loaded
+    from cache draw nothing), and differs with cfg.seed."""
+    cfg = SFTConfig()
+    first = _lora_state(sft.make_trainable(_fresh(), cfg, quantized=False))
+    torch.rand(1000)   # another arm's draws
+    again = _lora_state(sft.make_trainable(_fresh(), cfg, quantized=False))
+    other = _lora_state(sft.make_trainable(_fresh(), SFTConfig(seed=1), quantized=False))
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert any(not torch.equal(first[n], other[n]) for n in first if "lora_A" in n)

@@ -90,7 +90,10 @@ def load_adapted(base: str, adapter, cfg, attn_implementation: str | None = None
 
 def make_trainable(model, cfg, quantized: bool):
     """The base wrapped in a LoRA peft model; k-bit preparation first for a 4-bit base (norms to fp32, input grads,
-    non-reentrant gradient checkpointing when asked)."""
+    non-reentrant gradient checkpointing when asked). The LoRA weights are drawn right after seeding with cfg.seed:
+    otherwise an arm's initialisation depended on what the process drew before it (which arms trained, which were
+    loaded from cache), and two runs of one configuration differed by up to 2.4 points (reports/distill_results.md)."""
+    import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     ckpt_kw = {"use_reentrant": False}
@@ -100,6 +103,7 @@ def make_trainable(model, cfg, quantized: bool):
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kw)
         model.enable_input_require_grads()
+    torch.manual_seed(cfg.seed)
     return get_peft_model(model, lora_config(cfg))
 
 
