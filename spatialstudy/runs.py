@@ -186,6 +186,14 @@ class StageConfig:
         return cls(**{n: overrides.get(n, namespace.get(n)) for n in names})
 
     @classmethod
+    def for_profile(cls, profile: str, params: dict, stage: str):
+        """The config a stage's main() runs: params as params/<profile>/<stage>.yaml gives them (no profile key),
+        unknown keys rejected before any value is checked."""
+        params = {**params, "profile": profile}
+        cls.check_keys(params, where=f"params/{profile}/{stage}.yaml")
+        return cls(**params)
+
+    @classmethod
     def check_keys(cls, params: dict, where: str = "parameters") -> None:
         """Reject unknown keys (papermill only warns about them), naming the closest field."""
         import difflib

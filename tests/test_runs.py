@@ -86,3 +86,14 @@ def test_every_params_file_matches_its_notebook():
             assert keys <= declared, f"{path}: {sorted(keys - declared)} not in {nb.name}'s parameters cell"
         if path.stem in CONFIGS:
             CONFIGS[path.stem].check_keys(keys, where=str(path))
+
+
+def test_for_profile_builds_a_stage_config_and_names_the_file_on_an_unknown_key():
+    """Every stage's main() builds its config here: the profile comes from the argument, a typo fails naming
+    params/<profile>/<stage>.yaml."""
+    from spatialstudy.configs import DistillConfig
+
+    cfg = DistillConfig.for_profile("smoke", {"max_steps": 7}, "04_distill")
+    assert (cfg.profile, cfg.max_steps) == ("smoke", 7)
+    with pytest.raises(KeyError, match=r"params/smoke/04_distill\.yaml"):
+        DistillConfig.for_profile("smoke", {"max_step": 7}, "04_distill")

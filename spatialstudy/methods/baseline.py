@@ -229,6 +229,4 @@ def summary_table(metrics: dict) -> str:
 
 def main(profile: str, params: dict) -> dict:
     """Runner entry point (spatialstudy.run PY_STAGES): params from params/<profile>/baseline.yaml."""
-    params = {**params, "profile": profile}
-    BaselineConfig.check_keys(params, where=f"params/{profile}/{STAGE}.yaml")
-    return run_baseline(profile, BaselineConfig(**params))
+    return run_baseline(profile, BaselineConfig.for_profile(profile, params, STAGE))

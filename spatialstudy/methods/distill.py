@@ -826,6 +826,4 @@ def main(profile: str, params: dict) -> dict:
     """Entry point with params as papermill passes them (for scripts and benchmarks)."""
     from spatialstudy.configs import DistillConfig
 
-    params = {**params, "profile": profile}
-    DistillConfig.check_keys(params, where=f"params/{profile}/{STAGE}.yaml")
-    return run_distill(profile, DistillConfig(**params))
+    return run_distill(profile, DistillConfig.for_profile(profile, params, STAGE))

@@ -718,9 +718,7 @@ def main(profile: str, params: dict) -> dict:
     """Entry point with params as papermill passes them (for scripts and benchmarks)."""
     from spatialstudy.configs import GrayscaleConfig
 
-    params = {**params, "profile": profile}
-    GrayscaleConfig.check_keys(params, where=f"params/{profile}/{STAGE}.yaml")
-    return run_grayscale(profile, GrayscaleConfig(**params))
+    return run_grayscale(profile, GrayscaleConfig.for_profile(profile, params, STAGE))
 
 
 # ---------------------------------------------------------------- figures

@@ -724,6 +724,4 @@ def main(profile: str, params: dict) -> dict:
     """Entry point with params as papermill passes them (scripts, benchmarks)."""
     from spatialstudy.configs import ICLConfig
 
-    params = {**params, "profile": profile}
-    ICLConfig.check_keys(params, where=f"params/{profile}/{STAGE}.yaml")
-    return run_icl(profile, ICLConfig(**params))
+    return run_icl(profile, ICLConfig.for_profile(profile, params, STAGE))

@@ -23,13 +23,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from spatialstudy import runs
-from spatialstudy.evaluation.compare import PARTITION_LABELS, PARTITIONS, paired_by_partition
+from spatialstudy.evaluation.compare import PARTITION_LABELS, PARTITIONS, REAL_NAMES, paired_by_partition
 from spatialstudy.scoring import FAMILY_MIN_N
 
 STAGE = "06_results"
 STAGES = ("baseline", "02_sft", "03_icl", "04_distill", "05_grayscale")
 GROUPS = ("base", "SFT", "ICL", "KD", "colour")
-REAL_BASES = {"student": "real_3b", "teacher": "real_7b"}   # the baseline stage's names for real checkpoints
 
 # The study's reported OmniSpatial accuracies (NotManigandan/VLM-Spatial-Reasoning README; ../shared/research/
 # methods.md section 0): (row, percent, what it was measured on, our counterpart: [(stage, name), ...] first found)
@@ -214,10 +213,10 @@ BASE_LABELS = {"student": "student base", "teacher": "teacher base", "real_3b": 
 
 def baseline_methods(m: dict, where: Path) -> list[Method]:
     """The untuned bases; with real checkpoints present the tiny ones are labelled as such (a pipeline check)."""
-    real = any(n in m["models"] for n in REAL_BASES.values())
+    real = any(n in m["models"] for n in REAL_NAMES.values())
     out = []
     for name, s in m["models"].items():
-        label = ("tiny " if real and name in REAL_BASES else "") + BASE_LABELS.get(name, name)
+        label = ("tiny " if real and name in REAL_NAMES else "") + BASE_LABELS.get(name, name)
         model = "teacher" if name in ("teacher", "real_7b") else "student"
         out.append(_method(f"baseline/{name}", label, "base", model, s, where))
     return out
@@ -227,7 +226,7 @@ def base_refs(methods: dict) -> dict:
     """{"student": key, "teacher": key}: the bases every student / teacher method is compared with (the real
     checkpoints when the baseline evaluated them, else the tiny bases)."""
     out = {}
-    for model, real in REAL_BASES.items():
+    for model, real in REAL_NAMES.items():
         for key in (f"baseline/{real}", f"baseline/{model}"):
             if key in methods:
                 out[model] = key
@@ -521,7 +520,7 @@ def breakdown_text(res: Results, kind: str, min_n: int = 0) -> str:
 def profile_label(res: Results) -> str:
     """What our numbers were measured with: the embedded default (tiny models, procedural scenes) or real weights."""
     models = res.metrics.get("baseline", {}).get("models", {})
-    real = [Path(models[n]["spec"]).name for n in REAL_BASES.values() if n in models and models[n].get("spec")]
+    real = [Path(models[n]["spec"]).name for n in REAL_NAMES.values() if n in models and models[n].get("spec")]
     if real:
         return f"{res.profile}: real weights ({' / '.join(real)})"
     return f"{res.profile}: embedded default (tiny models on procedural scenes)"
@@ -1078,6 +1077,4 @@ def main(profile: str, params: dict) -> dict:
     """Entry point with params as papermill passes them (scripts)."""
     from spatialstudy.configs import ResultsConfig
 
-    params = {**params, "profile": profile}
-    ResultsConfig.check_keys(params, where=f"params/{profile}/{STAGE}.yaml")
-    return run_results(profile, ResultsConfig(**params))[1]
+    return run_results(profile, ResultsConfig.for_profile(profile, params, STAGE))[1]

@@ -351,6 +351,4 @@ def run_sft(profile: str, cfg: SFTConfig) -> dict:
 
 def main(profile: str, params: dict) -> dict:
     """Entry point with params as papermill passes them (for scripts and the seed benchmark)."""
-    params = {**params, "profile": profile}
-    SFTConfig.check_keys(params, where=f"params/{profile}/{STAGE}.yaml")
-    return run_sft(profile, SFTConfig(**params))
+    return run_sft(profile, SFTConfig.for_profile(profile, params, STAGE))
