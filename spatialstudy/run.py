@@ -3,6 +3,7 @@
     python -m spatialstudy.run --profile smoke            # what `make study` does
     python -m spatialstudy.run --profile ci --only 01_data
     python -m spatialstudy.run --list
+    torchrun --nproc-per-node 4 -m spatialstudy.run --profile full --only 02_sft --direct   # data-parallel arms
 
 A stage is a numbered notebook (notebooks/NN_name.ipynb, picked up automatically) or a package entry point listed in
 PY_STAGES (for work with no figures of its own). Parameters come from params/<profile>/<name>.yaml; the `ci` tier uses
@@ -28,6 +29,10 @@ from spatialstudy import runs
 NOTEBOOK_RE = re.compile(r"^(\d\d)_[a-z0-9_]+\.ipynb$")
 # stage name -> (the stage it runs after, "module:function(profile, params)")
 PY_STAGES = {"baseline": ("01_data", "spatialstudy.methods.baseline:main")}
+# notebooks whose package entry point trains arms: `--direct` calls it in this process instead of papermill, so that
+# `torchrun` / `accelerate launch` can start it on several processes (the Trainer's data parallelism; the main
+# process evaluates and writes the run). Run the notebook afterwards for its figures: it finds every arm done.
+DIRECT = {"02_sft": "spatialstudy.methods.sft:main", "04_distill": "spatialstudy.methods.distill:main"}
 KERNEL = "python3"  # the kernel of the running interpreter: papermill run from the venv stays in the venv
 
 
@@ -126,21 +131,22 @@ def run_notebook(name: str, profile: str, params: dict) -> Path:
     return out
 
 
-def run_python_stage(name: str, profile: str, params: dict) -> None:
-    module, func = PY_STAGES[name][1].split(":")
+def run_python_stage(name: str, profile: str, params: dict, entry: str | None = None) -> None:
+    module, func = (entry or PY_STAGES[name][1]).split(":")
     try:
         getattr(importlib.import_module(module), func)(profile, params)
     except Exception as err:
         raise StageFailed(f"stage {name} failed: {type(err).__name__}: {err}") from err
 
 
-def run_stage(name: str, profile: str, loaded: tuple[dict, float | None] | None = None) -> float:
-    """Run one stage (with its already validated `loaded` (params, budget), if given); returns its wall time."""
+def run_stage(name: str, profile: str, loaded: tuple[dict, float | None] | None = None, direct: bool = False) -> float:
+    """Run one stage (with its already validated `loaded` (params, budget), if given); returns its wall time.
+    `direct`: a DIRECT stage's entry point in this process, not its notebook."""
     params, budget = loaded or load_params(name, profile)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
-    if name in PY_STAGES:
-        run_python_stage(name, profile, params)
+    if name in PY_STAGES or direct:
+        run_python_stage(name, profile, params, DIRECT[name] if direct else None)
     else:
         run_notebook(name, profile, params)
     wall = time.perf_counter() - start
@@ -154,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="smoke", choices=runs.PROFILES)
     ap.add_argument("--only", action="append", help="run only this stage (repeatable)")
     ap.add_argument("--list", action="store_true", help="list the stages and exit")
+    ap.add_argument("--direct", action="store_true", help=f"with --only {' / '.join(DIRECT)}: the stage's entry "
+                    "point in this process (for torchrun / accelerate launch), not its notebook")
     args = ap.parse_args(argv)
     names = stages()
     if args.list:
@@ -162,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.only or []) - set(names)
     if unknown:
         ap.error(f"unknown stage(s) {sorted(unknown)}; stages are {names}")
+    if args.direct and not (args.only and set(args.only) <= set(DIRECT)):
+        ap.error(f"--direct needs --only with stages among {sorted(DIRECT)} (the ones that train arms)")
     try:
         plan = validate_profile(names, args.profile)
     except (ParamsError, KeyError) as err:
@@ -170,13 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     timings = {}
     for name in args.only or names:
         try:
-            timings[name] = round(run_stage(name, args.profile, plan[name]), 1)
+            timings[name] = round(run_stage(name, args.profile, plan[name], args.direct), 1)
         except StageFailed as err:
             print(f"[run] STOPPED: {err}", file=sys.stderr)
             return 1
-    timings_file = runs.root() / "reports" / args.profile / "timings.json"
-    previous = runs.read_json(timings_file) if timings_file.exists() else {}
-    runs.write_json(timings_file, {**previous, **timings})
+    if os.environ.get("RANK", "0") == "0":   # one writer under torchrun / accelerate launch
+        timings_file = runs.root() / "reports" / args.profile / "timings.json"
+        previous = runs.read_json(timings_file) if timings_file.exists() else {}
+        runs.write_json(timings_file, {**previous, **timings})
     print(f"[run] done: {len(timings)} stage(s), {sum(timings.values()):.0f} s; reports in reports/{args.profile}/")
     return 0
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -403,6 +402,29 @@ def arm_identity(arm: StudentArm, cfg, base: str, teacher: str, n_rows: tuple) -
             "rows": list(n_rows), "train": train}
 
 
+def arm_path(arm: StudentArm, cfg, profile: str, out: Path, rows: tuple, teacher) -> Path:
+    """The arm's dir, emptied first when it holds a run of other settings, data or teacher."""
+    n_rows = (len(arm_rows(arm, cfg, rows[0])), len(rows[1]))
+    identity = arm_identity(arm, cfg, student_checkpoint(arm, cfg, profile), teacher[2], n_rows)
+    return runs.keyed_dir(out / arm.name, identity, "distill")
+
+
+def train_in_parallel(arms: list, cfg, profile: str, out: Path, rows: tuple, teacher) -> bool:
+    """Under several processes (`torchrun` / `accelerate launch`): every process trains every arm first (the
+    Trainer's data parallelism, the frozen teacher on each); then the main process goes on alone (gate, evaluation,
+    run dir), finding each arm's adapter, and the others stop (True for them). One process: False."""
+    from spatialstudy.models.lora import processes
+
+    state = processes()
+    if state.num_processes == 1:
+        return False
+    for arm in arms:
+        with state.main_process_first():   # one process pretrains a missing base or empties a stale dir
+            arm_path(arm, cfg, profile, out, rows, teacher)
+        trained_arm(arm, cfg, profile, out, rows, teacher)
+    return not state.is_main_process
+
+
 def resize_vocab(model, teacher) -> None:
     """The study's alternative to slicing: the student's embeddings resized to the teacher's vocabulary rows."""
     model.resize_token_embeddings(teacher.get_output_embeddings().weight.shape[0])
@@ -411,21 +433,13 @@ def resize_vocab(model, teacher) -> None:
 def fit_arm(model, processor, teacher, arm: StudentArm, cfg, path: Path, data: tuple, groups) -> dict:
     """Train with DistillTrainer (resuming from the arm's last checkpoint), save the adapter, return the log."""
     from spatialstudy.models.chat import collate
-    from spatialstudy.models.lora import last_checkpoint, peak_memory, training_args
-    from spatialstudy.models.qwen import count_params, save_adapter
+    from spatialstudy.models.lora import train_and_save, training_args
 
     trainer = DistillTrainer(model=model, args=training_args(cfg, path, cfg.lr), train_dataset=data[0],
                              eval_dataset=data[1], data_collator=lambda eps: collate(eps, processor),
                              teacher=teacher, weights=loss_weights(arm, cfg), groups=groups)
-    resume = last_checkpoint(path)
-    t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.remove_captures()
-    save_adapter(model, path / "adapter")
-    log = {"train_s": round(time.perf_counter() - t0, 1), "resumed_from": resume, "params": count_params(model),
-           "steps": trainer.state.global_step, "log_history": trainer.state.log_history, "peak_memory": peak_memory(),
-           "rows": len(data[0])}
-    runs.write_json(path / "log.json", log)
+    log = train_and_save(trainer, model, path, "distill", rows=len(data[0]))
+    trainer.remove_captures()   # the student is evaluated next: no maps kept
     return log
 
 
@@ -435,13 +449,11 @@ def trained_arm(arm: StudentArm, cfg, profile: str, out: Path, rows: tuple, teac
     from spatialstudy.models.lora import load_base, make_trainable
     from spatialstudy.models.qwen import load_adapter
 
-    w = loss_weights(arm, cfg)
-    ckpt = student_checkpoint(arm, cfg, profile)
-    model, processor, quantized = load_base(cfg.student, profile, cfg, "eager" if w.attn else None, path=ckpt)
+    attn = "eager" if loss_weights(arm, cfg).attn else None
+    model, processor, quantized = load_base(cfg.student, profile, cfg, attn, path=student_checkpoint(arm, cfg, profile))
     if cfg.vocab == "resize_student":
         resize_vocab(model, teacher[0])
-    n_rows = (len(arm_rows(arm, cfg, rows[0])), len(rows[1]))
-    path = runs.keyed_dir(out / arm.name, arm_identity(arm, cfg, ckpt, teacher[2], n_rows), "distill")
+    path = arm_path(arm, cfg, profile, out, rows, teacher)
     if (path / "log.json").exists() and (path / "adapter" / "adapter_config.json").exists():
         return load_adapter(model, path / "adapter"), processor, runs.read_json(path / "log.json")
     model = make_trainable(model, cfg, quantized)
@@ -795,16 +807,23 @@ def student_processor(cfg, profile: str):
 
 def run_distill(profile: str, cfg) -> dict:
     """The teacher gate, every student arm (trained, evaluated with its blind control), the teacher on the same
-    items, paired differences, cost and head matching; writes the run dir and the figures."""
+    items, paired differences, cost and head matching; writes the run dir and the figures. Under `torchrun` /
+    `accelerate launch` the arms train data-parallel and the main process alone does the rest; the others
+    return {}."""
     from spatialstudy.evaluation.eval import eval_records, eval_subset
     from spatialstudy.models.episodes import spacethinker_rows
 
+    from spatialstudy.models.lora import processes
+
     runs.seed_everything(cfg.seed)
     out = runs.run_dir(profile, STAGE)
-    records = eval_subset(eval_records(profile), cfg.n_eval or None, cfg.seed)
-    rows = spacethinker_rows(profile, cfg.spacethinker_path, cfg.n_train, cfg.n_val)
-    teacher = load_teacher(profile, cfg)
+    with processes().main_process_first():   # under several processes the main one builds what is missing first
+        records = eval_subset(eval_records(profile), cfg.n_eval or None, cfg.seed)
+        rows = spacethinker_rows(profile, cfg.spacethinker_path, cfg.n_train, cfg.n_val)
+        teacher = load_teacher(profile, cfg)
     check_same_inputs(student_processor(cfg, profile), teacher[1], training_data(StudentArm("sft"), cfg, rows)[0][0])
+    if train_in_parallel(list(map(parse_arm, cfg.arms)), cfg, profile, out, rows, teacher):
+        return {}
     gate = teacher_gate(teacher, profile, cfg, dev_records(profile, cfg, out, {r.key for r in records}), out,
                         len(records))
     print(gate_line(gate))

@@ -425,8 +425,7 @@ def fit_gray_arm(recipe, sft_cfg: dict, info: dict, path: Path, data: tuple) -> 
     from transformers import Trainer
 
     from spatialstudy.models.chat import collate
-    from spatialstudy.models.lora import last_checkpoint, load_base, make_trainable, peak_memory, training_args
-    from spatialstudy.models.qwen import count_params, save_adapter
+    from spatialstudy.models.lora import load_base, make_trainable, train_and_save, training_args
 
     model, processor, quantized = load_base("", "", recipe, path=info["base"])
     runs.seed_everything(recipe.seed)
@@ -434,15 +433,7 @@ def fit_gray_arm(recipe, sft_cfg: dict, info: dict, path: Path, data: tuple) -> 
     loss_on_prompt = sft_cfg.get("loss_on_prompt", False)
     trainer = Trainer(model=model, args=training_args(recipe, path, recipe_lr(sft_cfg, info)), train_dataset=data[0],
                       eval_dataset=data[1], data_collator=lambda eps: collate(eps, processor, loss_on_prompt))
-    resume = last_checkpoint(path)
-    t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
-    save_adapter(model, path / "adapter")
-    log = {"train_s": round(time.perf_counter() - t0, 1), "resumed_from": resume, "params": count_params(model),
-           "steps": trainer.state.global_step, "log_history": trainer.state.log_history, "peak_memory": peak_memory(),
-           "rows": len(data[0]), "gray_rows": len(data[2])}
-    runs.write_json(path / "log.json", log)
-    return log
+    return train_and_save(trainer, model, path, "grayscale", rows=len(data[0]), gray_rows=len(data[2]))
 
 
 def gray_arm(profile: str, cfg, out: Path, run: Path) -> tuple[dict, dict]:

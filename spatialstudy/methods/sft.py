@@ -1,7 +1,8 @@
 """Stage 02_sft: (Q)LoRA supervised fine-tuning on SpaceThinker-schema rows (research question 1).
 
 LoRA on the language model only, optionally over a 4-bit NF4 base (QLoRA); trained with transformers' `Trainer`
-(progress, gradient accumulation, checkpoints and resume, TensorBoard, `accelerate launch` / `torchrun` for free).
+(progress, gradient accumulation, checkpoints and resume, TensorBoard); data-parallel under `torchrun` /
+`accelerate launch` with `python -m spatialstudy.run --only 02_sft --direct` (train_in_parallel).
 Each arm is one (model, target format, images) triple:
 
     student/mcq            the rows through data.mcq.to_mcq: manual-CoT prompt with options, target "... Answer: X"
@@ -17,7 +18,6 @@ Module-level imports stay light: the runner validates SFTConfig before any model
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +31,8 @@ from spatialstudy.models.episodes import episodes as _episodes
 from spatialstudy.models.episodes import spacethinker_rows
 from spatialstudy.models.lora import (KEEP_UNQUANTIZED, LORA_MODULES, adapter_modules, base_checkpoint,  # noqa: F401
                                       last_checkpoint, load_base, lora_config, lora_target_pattern, make_trainable,
-                                      peak_memory, quantization_available, training_args)
+                                      peak_memory, processes, quantization_available, train_and_save,
+                                      training_args)
 
 STAGE = "02_sft"
 # The study's system prompt (VLAA-Thinker's "VL-Thinking" R1-style prompt), reconstructed from its description
@@ -85,6 +86,16 @@ def arm_dir(out: Path, arm: Arm, identity: dict) -> Path:
     return runs.keyed_dir(out / arm.name, identity, "sft")
 
 
+def arm_path(arm: Arm, cfg: SFTConfig, profile: str, out: Path, rows: tuple) -> Path:
+    """The arm's dir, emptied first when it holds a run of other settings or data."""
+    identity = arm_identity(arm, cfg, base_checkpoint(arm_spec(arm, cfg), profile), (len(rows[0]), len(rows[1])))
+    return arm_dir(out, arm, identity)
+
+
+def arm_spec(arm: Arm, cfg: SFTConfig) -> str:
+    return cfg.student if arm.model == "student" else cfg.teacher
+
+
 def arm_lr(arm: Arm, cfg: SFTConfig) -> float:
     return cfg.teacher_lr if arm.model == "teacher" and cfg.teacher_lr else cfg.lr
 
@@ -98,21 +109,12 @@ def make_trainer(model, processor, cfg: SFTConfig, arm: Arm, path: Path, data: t
                    eval_dataset=data[1], data_collator=lambda eps: collate(eps, processor, cfg.loss_on_prompt))
 
 
-def fit(model, processor, cfg: SFTConfig, arm: Arm, path: Path, data: tuple, progress: bool = True) -> dict:
-    """Train (resuming from the arm's last checkpoint, if any), save the adapter, return the training log."""
-    from spatialstudy.models.qwen import count_params, save_adapter
-
+def fit(model, processor, cfg: SFTConfig, arm: Arm, path: Path, data: tuple, progress: bool = True,
+        **extra) -> dict:
+    """Train (resuming from the arm's last checkpoint, if any), save the adapter, return the training log (with
+    `extra` entries)."""
     trainer = make_trainer(model, processor, cfg, arm, path, data, progress)
-    resume = last_checkpoint(path)
-    if resume:
-        print(f"[sft] {arm.name}: resuming from {resume}")
-    t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
-    save_adapter(model, path / "adapter")
-    log = {"train_s": round(time.perf_counter() - t0, 1), "resumed_from": resume, "params": count_params(model),
-           "steps": trainer.state.global_step, "log_history": trainer.state.log_history, "peak_memory": peak_memory()}
-    runs.write_json(path / "log.json", log)
-    return log
+    return train_and_save(trainer, model, path, "sft", **extra)
 
 
 def trained_arm(arm: Arm, cfg: SFTConfig, profile: str, out: Path, rows: tuple, progress: bool = True):
@@ -120,17 +122,42 @@ def trained_arm(arm: Arm, cfg: SFTConfig, profile: str, out: Path, rows: tuple, 
     exist under the same identity."""
     from spatialstudy.models.qwen import load_adapter
 
-    spec = cfg.student if arm.model == "student" else cfg.teacher
-    model, processor, quantized = load_base(spec, profile, cfg)
-    path = arm_dir(out, arm, arm_identity(arm, cfg, base_checkpoint(spec, profile), (len(rows[0]), len(rows[1]))))
+    model, processor, quantized = load_base(arm_spec(arm, cfg), profile, cfg)
+    path = arm_path(arm, cfg, profile, out, rows)
     if (path / "log.json").exists() and (path / "adapter" / "adapter_config.json").exists():
         return load_adapter(model, path / "adapter"), processor, runs.read_json(path / "log.json"), quantized
     train, report = episodes(rows[0], arm, cfg, cfg.seed)
     val, _ = episodes(rows[1], arm, cfg, cfg.seed + 1)
     model = make_trainable(model, cfg, quantized)
-    log = {**fit(model, processor, cfg, arm, path, (train, val), progress), "mcq_report": report}
-    runs.write_json(path / "log.json", log)
+    log = fit(model, processor, cfg, arm, path, (train, val), progress, mcq_report=report)
     return model, processor, log, quantized
+
+
+def train_in_parallel(arms: list, cfg: SFTConfig, profile: str, out: Path, rows: tuple) -> bool:
+    """Under several processes (`torchrun` / `accelerate launch`): every process trains every arm first (the
+    Trainer's data parallelism); then the main process goes on alone to evaluate, finding each arm's adapter, and
+    the others stop (True for them). One process: nothing to do here (False)."""
+    state = processes()
+    if state.num_processes == 1:
+        return False
+    for arm in arms:
+        with state.main_process_first():   # one process empties a dir of other settings; the rest find it done
+            arm_path(arm, cfg, profile, out, rows)
+        trained_arm(arm, cfg, profile, out, rows, progress=state.is_main_process)
+    return not state.is_main_process
+
+
+def inputs(profile: str, cfg: SFTConfig, arms: list) -> tuple[list, tuple]:
+    """(evaluation records, SpaceThinker rows), with the bases the arms start from pretrained or found; under
+    several processes the main one builds whatever is missing (a ci run, a tiny base) before the others look."""
+    from spatialstudy.evaluation.eval import eval_records, eval_subset
+
+    with processes().main_process_first():
+        records = eval_subset(eval_records(profile), cfg.n_eval or None, cfg.seed)  # stratified, when n_eval is set
+        rows = spacethinker_records(profile, cfg)
+        for spec in dict.fromkeys(arm_spec(a, cfg) for a in arms):
+            base_checkpoint(spec, profile)
+    return records, rows
 
 
 # ---------------------------------------------------------------- evaluation
@@ -332,14 +359,15 @@ def summary_table(metrics: dict) -> str:
 
 
 def run_sft(profile: str, cfg: SFTConfig) -> dict:
-    """Every arm of the config: train, evaluate with controls, compare on the same items; write the run dir."""
-    from spatialstudy.evaluation.eval import eval_records, eval_subset
-
+    """Every arm of the config: train, evaluate with controls, compare on the same items; write the run dir.
+    Under `torchrun` / `accelerate launch` the arms train data-parallel and the main process alone evaluates and
+    writes; the others return {}."""
     runs.seed_everything(cfg.seed)
     out = runs.run_dir(profile, STAGE)
-    records = eval_subset(eval_records(profile), cfg.n_eval or None, cfg.seed)  # stratified, when n_eval is set
-    rows = spacethinker_records(profile, cfg)
     arms = [parse_arm(a) for a in cfg.arms]
+    records, rows = inputs(profile, cfg, arms)
+    if train_in_parallel(arms, cfg, profile, out, rows):
+        return {}
     bases = {m: base_entry(m, cfg, profile, records, out, rows[1]) for m in dict.fromkeys(a.model for a in arms)}
     results = {a.name: arm_entry(a, cfg, profile, records, out, rows) for a in arms}
     metrics = {"n_eval": len(records), "n_train": len(rows[0]), "n_val": len(rows[1]), "bases": bases,

@@ -70,8 +70,26 @@ def load_base(spec: str, profile: str, cfg, attn_implementation: str | None = No
     keep = () if cfg.quantize_vision else KEEP_UNQUANTIZED
     model, processor = qwen.load_checkpoint(path, dtype=dtype, quantize_4bit=cfg.quantize and ok,
                                             keep_unquantized=keep, attn_implementation=attn_implementation,
-                                            device_map="auto" if cuda else None)
+                                            device_map=device_map() if cuda else None)
     return model, processor, cfg.quantize and ok
+
+
+def processes():
+    """accelerate's view of this launch: one process, or one of several under `torchrun` / `accelerate launch`
+    (`.num_processes`, `.is_main_process`, `.main_process_first()`, `.wait_for_everyone()`)."""
+    import torch
+    from accelerate import PartialState
+
+    # cpu=True where there is no GPU, as the Trainer asks (use_cpu): accelerate's state is made once per process,
+    # and without it several CPU processes would each think they were alone
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def device_map():
+    """Where a CUDA base goes: spread over the GPUs for one process; under several processes (data parallel) each
+    holds a whole copy on its own GPU, as DDP expects."""
+    state = processes()
+    return "auto" if state.num_processes == 1 else {"": state.local_process_index}
 
 
 def load_adapted(base: str, adapter, cfg, attn_implementation: str | None = None):
@@ -132,6 +150,29 @@ def training_args(cfg, path, lr: float, progress: bool = True):
         gradient_checkpointing=False,  # enabled (non-reentrant) by make_trainable, before peft wraps the model
         remove_unused_columns=False, prediction_loss_only=True, dataloader_num_workers=0,
         disable_tqdm=not progress, label_names=["labels"])
+
+
+def train_and_save(trainer, model, path, who: str, **extra) -> dict:
+    """Run `trainer` (resuming from the last checkpoint under `path`), save the adapter and log.json, return the
+    log. Under several processes every one trains its shard of the rows (the Trainer's data parallelism), the main
+    one alone writes, and all wait for it, so no process reads a half-written adapter."""
+    import time
+
+    from spatialstudy.models.qwen import count_params, save_adapter
+
+    resume = last_checkpoint(path)
+    if resume:
+        print(f"[{who}] {path.name}: resuming from {resume}")
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    log = {"train_s": round(time.perf_counter() - t0, 1), "resumed_from": resume, "params": count_params(model),
+           "steps": trainer.state.global_step, "log_history": trainer.state.log_history, "peak_memory": peak_memory(),
+           "processes": trainer.args.world_size, **extra}
+    if trainer.is_world_process_zero():
+        save_adapter(model, path / "adapter")
+        runs.write_json(path / "log.json", log)
+    trainer.accelerator.wait_for_everyone()
+    return log
 
 
 def peak_memory() -> dict:
