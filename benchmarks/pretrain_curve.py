@@ -8,7 +8,8 @@ held-out base-partition items (shuffled as generated, or sorted with --fixed-eva
 the official rule, with the image and blind (grey image), per family and naming (colour- or shape-named), plus 100
 one-object image-quadrant items in the sorted order ("single", with the share of answers that get the left/right and
 the upper/lower half right), and prints one JSON line. The 2026-12-02 curves in reports/pretraining_targets.md were
-measured this way.
+measured this way. `--pair-relation F` tries a rung the package does not use: F of the pool's scenes (taken from the
+multi-object share) hold two objects and ask where one is relative to the other.
 """
 from __future__ import annotations
 
@@ -78,6 +79,17 @@ def _settings(args) -> P.PretrainSettings:
     return s
 
 
+def pool_with_pairs(s: P.PretrainSettings, seed: int, share: float) -> list[list]:
+    """The smoke pool with `share` of its scenes replaced by two-object relative_direction scenes (own stream)."""
+    n_pair = round(s.n_scenes * share)
+    pool = P.training_pool(dataclasses.replace(s, n_scenes=s.n_scenes - n_pair,
+                                               single_object=s.single_object * s.n_scenes / (s.n_scenes - n_pair)),
+                           seed)
+    pairs = make_items(n_pair, seed=role_seed(seed, "pretrain_pair"), families=["relative_direction"],
+                       n_objects=(2, 2), colour_free_p=P.POOL_COLOUR_FREE)
+    return pool + [[it] for it in pairs]
+
+
 def main(args) -> None:
     torch.set_num_threads(args.threads)
     s = _settings(args)
@@ -100,8 +112,8 @@ def main(args) -> None:
             model.train()
 
     with tempfile.TemporaryDirectory() as work:  # train() checkpoints here; the curve run keeps nothing
-        P.train(model, proc, P.training_pool(s, args.seed), s, args.seed, Path(work), desc=f"curve {args.model}",
-                after_step=after_step)
+        pool = pool_with_pairs(s, args.seed, args.pair_relation) if args.pair_relation else P.training_pool(s, args.seed)
+        P.train(model, proc, pool, s, args.seed, Path(work), desc=f"curve {args.model}", after_step=after_step)
 
 
 if __name__ == "__main__":
@@ -113,5 +125,6 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fixed-eval", action="store_true", help="held-out base items in their fixed (sorted) order")
+    ap.add_argument("--pair-relation", type=float, default=0.0, help="share of two-object relation scenes")
     ap.add_argument("--set", nargs="*", default=[], help="PretrainSettings overrides, e.g. fixed_order=0.3")
     main(ap.parse_args())

@@ -32,7 +32,8 @@ PY_STAGES = {"baseline": ("01_data", "spatialstudy.methods.baseline:main")}
 # notebooks whose package entry point trains arms: `--direct` calls it in this process instead of papermill, so that
 # `torchrun` / `accelerate launch` can start it on several processes (the Trainer's data parallelism; the main
 # process evaluates and writes the run). Run the notebook afterwards for its figures: it finds every arm done.
-DIRECT = {"02_sft": "spatialstudy.methods.sft:main", "04_distill": "spatialstudy.methods.distill:main"}
+DIRECT = {"02_sft": "spatialstudy.methods.sft:main", "04_distill": "spatialstudy.methods.distill:main",
+          "05_grayscale": "spatialstudy.methods.grayscale:main"}
 KERNEL = "python3"  # the kernel of the running interpreter: papermill run from the venv stays in the venv
 
 

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 PROFILES = ("ci", "smoke", "full", "full-repro")
+# what torchrun / accelerate launch set for each process (besides TORCHELASTIC_*)
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+                 "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
 
 
 def root() -> Path:
@@ -135,8 +138,10 @@ def require_run(profile: str, name: str) -> Path:
         return run_dir(profile, name)
     command = [sys.executable, "-m", "spatialstudy.run", "--profile", profile, "--only", name]
     if profile == "ci":
-        # the runner's command line, not an import of it: the runner sits above every layer, this module below
-        if subprocess.run(command).returncode == 0 and is_done(profile, name):
+        # the runner's command line, not an import of it: the runner sits above every layer, this module below.
+        # It runs as one process of its own: a launcher's rank variables would make it wait for ranks that never come
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("TORCHELASTIC_")}
+        if subprocess.run(command, env=env).returncode == 0 and is_done(profile, name):
             return run_dir(profile, name)
         raise RuntimeError(f"building the missing ci run {name!r} failed (see above): {' '.join(command[1:])}")
     raise FileNotFoundError(

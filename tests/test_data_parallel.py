@@ -1,6 +1,6 @@
 """The training stages under `torchrun` on two CPU processes (gloo): `python -m spatialstudy.run --only 02_sft
---direct` and the same for 04_distill train their arms data-parallel through transformers' Trainer; the main
-process alone saves adapters, evaluates and writes the run; a later single-process run finds every arm done.
+--direct` and the same for 04_distill and 05_grayscale train their arms data-parallel through transformers' Trainer;
+the main process alone saves adapters, evaluates and writes the run; a later single-process run finds every arm done.
 
 Real objects throughout: torchrun, accelerate's process state, the Trainer's DDP, the tiny ci bases and the runner.
 A temporary project root holds the ci runs, with parameter files that keep one arm per stage.
@@ -19,7 +19,9 @@ from spatialstudy.evaluation.predictions import read_predictions
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = {"02_sft": "arms: [student/mcq]\n",
           # the attention-KD arm: forward hooks on both models inside DDP; the teacher base needs no 02_sft teacher
-          "04_distill": "arms: [attn_kd]\nbest: attn_kd\nteacher_arm: base\n"}
+          "04_distill": "arms: [attn_kd]\nbest: attn_kd\nteacher_arm: base\n",
+          # the gray-augmented arm (02_sft's student_mcq recipe); two image conditions and a small control keep it short
+          "05_grayscale": "conditions: [original, grayscale]\nn_control: 8\n"}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def _arm_logs(run_dir: Path) -> dict:
     return {p.parent.name: json.loads(p.read_text()) for p in run_dir.glob("*/log.json")}
 
 
-def _check_stage(run_dir: Path, arm: str, rows_per_step: int) -> None:
+def _check_stage(run_dir: Path, arm: str, rows_per_step: int, rows: int | None = None) -> None:
     """The arm trained on two processes (each step took a shard of twice the single-process rows), its adapter
     exists, and the main process alone evaluated it: every evaluation item once in its predictions."""
     logs = _arm_logs(run_dir)
@@ -60,7 +62,7 @@ def _check_stage(run_dir: Path, arm: str, rows_per_step: int) -> None:
     log = logs[arm]
     assert log["processes"] == 2 and (run_dir / arm / "adapter" / "adapter_config.json").exists()
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    rows = metrics["n_train"]
+    rows = rows or metrics["n_train"]
     last = [h for h in log["log_history"] if "loss" in h][-1]   # epochs advance by 2 x batch rows per step
     assert last["epoch"] == pytest.approx(last["step"] * rows_per_step * 2 / rows, rel=0.05, abs=0.05)
     keys = [(r["task_type"], r["id"]) for r in read_predictions(run_dir / f"predictions_{arm}.jsonl")]
@@ -76,8 +78,11 @@ def test_sft_and_distillation_train_data_parallel_under_torchrun(root):
     _check_stage(root / "runs" / "ci" / "02_sft", "student_mcq", SFTConfig(profile="ci").batch_size)
     _run(root, "--only", "04_distill", "--direct")
     _check_stage(root / "runs" / "ci" / "04_distill", "attn_kd", DistillConfig(profile="ci").batch_size)
+    _run(root, "--only", "05_grayscale", "--direct")
+    gray = root / "runs" / "ci" / "05_grayscale"
+    _check_stage(gray, "gray_sft", SFTConfig(profile="ci").batch_size, rows=_arm_logs(gray)["gray_sft"]["rows"])
     timings = json.loads((root / "reports" / "ci" / "timings.json").read_text())
-    assert {"02_sft", "04_distill"} <= set(timings)   # written once, by the main process
+    assert {"02_sft", "04_distill", "05_grayscale"} <= set(timings)   # written once, by the main process
 
 
 @pytest.mark.slow

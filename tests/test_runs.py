@@ -97,3 +97,22 @@ def test_for_profile_builds_a_stage_config_and_names_the_file_on_an_unknown_key(
     assert (cfg.profile, cfg.max_steps) == ("smoke", 7)
     with pytest.raises(KeyError, match=r"params/smoke/04_distill\.yaml"):
         DistillConfig.for_profile("smoke", {"max_step": 7}, "04_distill")
+
+
+def test_require_run_builds_a_ci_run_as_a_process_of_its_own(project, monkeypatch):
+    """Inside a torchrun launch (rank variables set), a missing ci run is built by a runner that does not see them:
+    otherwise it would wait for ranks that never join. Real runner, real papermill kernel, a one-cell stage."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell('profile = "ci"', metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell('import os\nfrom spatialstudy import runs\n'
+                                          'runs.save_run(profile, "09_probe", {}, {"seen": {k: os.environ.get(k) '
+                                          'for k in ("RANK", "WORLD_SIZE", "MASTER_PORT", "TORCHELASTIC_RUN_ID")}})')]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, project / "notebooks" / "09_probe.ipynb")
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x"}.items():
+        monkeypatch.setenv(k, v)
+    path = runs.require_run("ci", "09_probe")
+    assert runs.read_json(path / "metrics.json")["seen"] == dict.fromkeys(("RANK", "WORLD_SIZE", "MASTER_PORT",
+                                                                            "TORCHELASTIC_RUN_ID"))

@@ -436,20 +436,49 @@ def fit_gray_arm(recipe, sft_cfg: dict, info: dict, path: Path, data: tuple) -> 
     return train_and_save(trainer, model, path, "grayscale", rows=len(data[0]), gray_rows=len(data[2]))
 
 
-def gray_arm(profile: str, cfg, out: Path, run: Path) -> tuple[dict, dict]:
-    """(source, training log) of the gray-augmented arm: trained now, or found under the same identity (the
-    colour-trained arm's hash, its base and rows, the gray share and seed)."""
+def gray_arm_dir(cfg, out: Path, run: Path) -> tuple:
+    """(recipe, 02_sft config, the colour arm's arm.json, the gray arm's dir, its identity): the dir is keyed by the
+    colour-trained arm's hash, its base and rows, the gray share and seed (emptied when those changed)."""
     recipe, sft_cfg, info = sft_recipe(run, cfg.sft_arm)
     identity = {"copies": f"{SFT_STAGE}/{cfg.sft_arm}", "copies_hash": info["hash"], "base": info["base"],
                 "rows": info["rows"], "gray_fraction": cfg.gray_fraction, "gray_seed": cfg.seed}
-    path = runs.keyed_dir(out / GRAY_ARM, identity, "grayscale")
-    if (path / "log.json").exists() and (path / "adapter" / "adapter_config.json").exists():
+    return recipe, sft_cfg, info, runs.keyed_dir(out / GRAY_ARM, identity, "grayscale"), identity
+
+
+def _trained(path: Path) -> bool:
+    return (path / "log.json").exists() and (path / "adapter" / "adapter_config.json").exists()
+
+
+def gray_arm(profile: str, cfg, out: Path, run: Path) -> tuple[dict, dict]:
+    """(source, training log) of the gray-augmented arm: trained now, or found under the same identity."""
+    recipe, sft_cfg, info, path, identity = gray_arm_dir(cfg, out, run)
+    if _trained(path):
         log = runs.read_json(path / "log.json")
     else:
         log = fit_gray_arm(recipe, sft_cfg, info, path, gray_data(profile, recipe, info, cfg))
     src = {"label": f"SFT gray-augmented ({cfg.sft_arm})", "base": info["base"], "adapter": str(path / "adapter"),
            "quant": _quant(sft_cfg), "origin": f"{STAGE}/{GRAY_ARM}", "hash": runs.config_hash(identity)}
     return src, log
+
+
+def train_in_parallel(profile: str, cfg) -> bool:
+    """Under several processes (`torchrun` / `accelerate launch`, the runner's --direct): every process trains the
+    gray arm (the Trainer's data parallelism); then the main process goes on alone to evaluate, finding the arm
+    trained, and the others stop (True for them). One process: nothing to do here (False)."""
+    from spatialstudy.models.lora import processes
+
+    state = processes()
+    if state.num_processes == 1:
+        return False
+    if not runs.is_done(profile, SFT_STAGE):   # a ci run built on the fly would inherit this launch's ranks
+        raise FileNotFoundError(f"the gray arm repeats {SFT_STAGE}'s {cfg.sft_arm}, which has no {profile} run: "
+                                f"python -m spatialstudy.run --profile {profile} --only {SFT_STAGE} first")
+    run = runs.run_dir(profile, SFT_STAGE)
+    with state.main_process_first():   # one process empties a dir of other settings; the rest find it done
+        recipe, sft_cfg, info, path, _ = gray_arm_dir(cfg, runs.run_dir(profile, STAGE), run)
+    if not _trained(path):
+        fit_gray_arm(recipe, sft_cfg, info, path, gray_data(profile, recipe, info, cfg))
+    return not state.is_main_process
 
 
 def gray_arm_entry(log: dict, run: Path, cfg) -> dict:
@@ -686,6 +715,8 @@ def run_grayscale(profile: str, cfg) -> dict:
     from spatialstudy.evaluation.eval import eval_records, eval_subset
 
     runs.seed_everything(cfg.seed)
+    if train_in_parallel(profile, cfg):
+        return {}
     out = runs.run_dir(profile, STAGE)
     records = eval_subset(eval_records(profile), cfg.n_eval or None, cfg.seed)
     groups = benchmark_groups(profile, records, out)
