@@ -470,7 +470,7 @@ def train_in_parallel(profile: str, cfg) -> bool:
     state = processes()
     if state.num_processes == 1:
         return False
-    if not runs.is_done(profile, SFT_STAGE):   # a ci run built on the fly would inherit this launch's ranks
+    if not runs.is_done(profile, SFT_STAGE):   # not built here: the other processes would wait out its whole run
         raise FileNotFoundError(f"the gray arm repeats {SFT_STAGE}'s {cfg.sft_arm}, which has no {profile} run: "
                                 f"python -m spatialstudy.run --profile {profile} --only {SFT_STAGE} first")
     run = runs.run_dir(profile, SFT_STAGE)
