@@ -245,13 +245,14 @@ def test_interrupted_fit_resumes_from_last_checkpoint(tmp_path, tiny):
     with pytest.raises(Interrupt):
         trainer.train()
     assert sft.last_checkpoint(crashed) == str(crashed / "checkpoint-2")
+    assert not sft.arm_trained(crashed), "a checkpoint is not a finished arm: the stage trains it again (resuming)"
 
     # a new process: a fresh model (its own LoRA init, which the checkpoint replaces), no callback
     log = sft.fit(_trainable(cfg, seed=123), proc, cfg, arm, crashed, data, progress=False)
     assert log["resumed_from"] is not None and Path(log["resumed_from"]).name == "checkpoint-2"
     assert log["steps"] == 6
     assert sft.runs.read_json(crashed / "log.json")["steps"] == 6
-    assert (crashed / "adapter" / "adapter_config.json").exists()
+    assert (crashed / "adapter" / "adapter_config.json").exists() and sft.arm_trained(crashed)
     assert sft.last_checkpoint(crashed) == str(crashed / "checkpoint-6")
     steps = {h["step"] for h in log["log_history"] if "loss" in h}
     assert {1, 2} <= steps and {4, 5, 6} <= steps, "the history runs from before the crash to after it"

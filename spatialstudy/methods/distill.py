@@ -446,7 +446,7 @@ def fit_arm(model, processor, teacher, arm: StudentArm, cfg, path: Path, data: t
 def trained_arm(arm: StudentArm, cfg, profile: str, out: Path, rows: tuple, teacher):
     """(peft student, processor, log) of one arm: trained now, or loaded when its adapter and log exist under the
     same identity. `teacher` = (model, processor, identity, layer groups)."""
-    from spatialstudy.models.lora import load_base, make_trainable
+    from spatialstudy.models.lora import arm_trained, load_base, make_trainable
     from spatialstudy.models.qwen import load_adapter
 
     attn = "eager" if loss_weights(arm, cfg).attn else None
@@ -454,7 +454,7 @@ def trained_arm(arm: StudentArm, cfg, profile: str, out: Path, rows: tuple, teac
     if cfg.vocab == "resize_student":
         resize_vocab(model, teacher[0])
     path = arm_path(arm, cfg, profile, out, rows, teacher)
-    if (path / "log.json").exists() and (path / "adapter" / "adapter_config.json").exists():
+    if arm_trained(path):
         return load_adapter(model, path / "adapter"), processor, runs.read_json(path / "log.json")
     model = make_trainable(model, cfg, quantized)
     log = fit_arm(model, processor, teacher[0], arm, cfg, path, training_data(arm, cfg, rows), teacher[3])

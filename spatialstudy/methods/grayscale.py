@@ -40,6 +40,7 @@ import numpy as np
 
 from spatialstudy import runs
 from spatialstudy.data.scenes import PALETTE, SHAPES
+from spatialstudy.models.lora import arm_trained
 
 STAGE = "05_grayscale"
 DATA_STAGE, SFT_STAGE, ICL_STAGE, DISTILL_STAGE = "01_data", "02_sft", "03_icl", "04_distill"
@@ -445,14 +446,10 @@ def gray_arm_dir(cfg, out: Path, run: Path) -> tuple:
     return recipe, sft_cfg, info, runs.keyed_dir(out / GRAY_ARM, identity, "grayscale"), identity
 
 
-def _trained(path: Path) -> bool:
-    return (path / "log.json").exists() and (path / "adapter" / "adapter_config.json").exists()
-
-
 def gray_arm(profile: str, cfg, out: Path, run: Path) -> tuple[dict, dict]:
     """(source, training log) of the gray-augmented arm: trained now, or found under the same identity."""
     recipe, sft_cfg, info, path, identity = gray_arm_dir(cfg, out, run)
-    if _trained(path):
+    if arm_trained(path):
         log = runs.read_json(path / "log.json")
     else:
         log = fit_gray_arm(recipe, sft_cfg, info, path, gray_data(profile, recipe, info, cfg))
@@ -476,7 +473,7 @@ def train_in_parallel(profile: str, cfg) -> bool:
     run = runs.run_dir(profile, SFT_STAGE)
     with state.main_process_first():   # one process empties a dir of other settings; the rest find it done
         recipe, sft_cfg, info, path, _ = gray_arm_dir(cfg, runs.run_dir(profile, STAGE), run)
-    if not _trained(path):
+    if not arm_trained(path):
         fit_gray_arm(recipe, sft_cfg, info, path, gray_data(profile, recipe, info, cfg))
     return not state.is_main_process
 

@@ -29,7 +29,7 @@ from spatialstudy.evaluation.compare import (BASELINE_STAGE, accuracy_by_partiti
 from spatialstudy.models.episodes import Episodes, mcq_episode, spacethinker_episode, spacethinker_target  # noqa: F401
 from spatialstudy.models.episodes import episodes as _episodes
 from spatialstudy.models.episodes import spacethinker_rows
-from spatialstudy.models.lora import (KEEP_UNQUANTIZED, LORA_MODULES, adapter_modules, base_checkpoint,  # noqa: F401
+from spatialstudy.models.lora import (KEEP_UNQUANTIZED, LORA_MODULES, adapter_modules, arm_trained, base_checkpoint,  # noqa: F401
                                       last_checkpoint, load_base, lora_config, lora_target_pattern, make_trainable,
                                       peak_memory, processes, quantization_available, train_and_save,
                                       training_args)
@@ -124,7 +124,7 @@ def trained_arm(arm: Arm, cfg: SFTConfig, profile: str, out: Path, rows: tuple, 
 
     model, processor, quantized = load_base(arm_spec(arm, cfg), profile, cfg)
     path = arm_path(arm, cfg, profile, out, rows)
-    if (path / "log.json").exists() and (path / "adapter" / "adapter_config.json").exists():
+    if arm_trained(path):
         return load_adapter(model, path / "adapter"), processor, runs.read_json(path / "log.json"), quantized
     train, report = episodes(rows[0], arm, cfg, cfg.seed)
     val, _ = episodes(rows[1], arm, cfg, cfg.seed + 1)

@@ -6,6 +6,7 @@ lora_modules, quantize, quantize_vision, gradient_checkpointing. Heavy imports s
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from spatialstudy import runs
 
@@ -127,8 +128,6 @@ def make_trainable(model, cfg, quantized: bool):
 
 def last_checkpoint(path) -> str | None:
     """The newest checkpoint-N under a run's dir (what an interrupted run resumes from), else None."""
-    from pathlib import Path
-
     from transformers.trainer_utils import get_last_checkpoint
 
     return get_last_checkpoint(str(path)) if Path(path).is_dir() else None
@@ -150,6 +149,12 @@ def training_args(cfg, path, lr: float, progress: bool = True):
         gradient_checkpointing=False,  # enabled (non-reentrant) by make_trainable, before peft wraps the model
         remove_unused_columns=False, prediction_loss_only=True, dataloader_num_workers=0,
         disable_tqdm=not progress, label_names=["labels"])
+
+
+def arm_trained(path) -> bool:
+    """Whether `path` holds a finished arm: the adapter and the log.json that train_and_save writes last."""
+    path = Path(path)
+    return (path / "log.json").exists() and (path / "adapter" / "adapter_config.json").exists()
 
 
 def train_and_save(trainer, model, path, who: str, **extra) -> dict:
