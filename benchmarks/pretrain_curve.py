@@ -9,7 +9,8 @@ the official rule, with the image and blind (grey image), per family and naming 
 one-object image-quadrant items in the sorted order ("single", with the share of answers that get the left/right and
 the upper/lower half right), and prints one JSON line. The 2026-12-02 curves in reports/pretraining_targets.md were
 measured this way. `--pair-relation F` tries a rung the package does not use: F of the pool's scenes (taken from the
-multi-object share) hold two objects and ask where one is relative to the other.
+multi-object share) hold two objects and ask where one is relative to the other; `--pair-quadrant F` the same with
+where-is questions (a binding rung: the named one of two objects, its position learnt on one-object scenes).
 """
 from __future__ import annotations
 
@@ -79,13 +80,14 @@ def _settings(args) -> P.PretrainSettings:
     return s
 
 
-def pool_with_pairs(s: P.PretrainSettings, seed: int, share: float) -> list[list]:
-    """The smoke pool with `share` of its scenes replaced by two-object relative_direction scenes (own stream)."""
+def pool_with_pairs(s: P.PretrainSettings, seed: int, share: float, family: str = "relative_direction") -> list[list]:
+    """The smoke pool with `share` of its scenes replaced by two-object scenes asking `family` (own stream)."""
     n_pair = round(s.n_scenes * share)
     pool = P.training_pool(dataclasses.replace(s, n_scenes=s.n_scenes - n_pair,
                                                single_object=s.single_object * s.n_scenes / (s.n_scenes - n_pair)),
                            seed)
-    pairs = make_items(n_pair, seed=role_seed(seed, "pretrain_pair"), families=["relative_direction"],
+    role = "pretrain_pair" if family == "relative_direction" else f"pretrain_pair/{family}"   # the reported runs' stream
+    pairs = make_items(n_pair, seed=role_seed(seed, role), families=[family],
                        n_objects=(2, 2), colour_free_p=P.POOL_COLOUR_FREE)
     return pool + [[it] for it in pairs]
 
@@ -97,7 +99,7 @@ def main(args) -> None:
     tok = P.base_tokenizer()
     proc = make_processor(tok)
     model = build_tiny(args.model, tok, seed=args.seed)
-    held = make_items(N_HELDOUT, seed=role_seed(args.seed, "pretrain_heldout/base"), partition="base")
+    held = make_items(args.heldout, seed=role_seed(args.seed, "pretrain_heldout/base"), partition="base")
     if args.fixed_eval:   # base families listed in their fixed (sorted) order, as a fixed-order benchmark shows them
         held = [P.view(it, random.Random(0), True, 0.0) for it in held]
     single = [P.view(it, random.Random(0), True, 0.0)   # sorted options: letter // 2 is the upper/lower bit
@@ -112,7 +114,9 @@ def main(args) -> None:
             model.train()
 
     with tempfile.TemporaryDirectory() as work:  # train() checkpoints here; the curve run keeps nothing
-        pool = pool_with_pairs(s, args.seed, args.pair_relation) if args.pair_relation else P.training_pool(s, args.seed)
+        pool = (pool_with_pairs(s, args.seed, args.pair_relation) if args.pair_relation else
+                pool_with_pairs(s, args.seed, args.pair_quadrant, "image_quadrant") if args.pair_quadrant else
+                P.training_pool(s, args.seed))
         P.train(model, proc, pool, s, args.seed, Path(work), desc=f"curve {args.model}", after_step=after_step)
 
 
@@ -126,5 +130,7 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fixed-eval", action="store_true", help="held-out base items in their fixed (sorted) order")
     ap.add_argument("--pair-relation", type=float, default=0.0, help="share of two-object relation scenes")
+    ap.add_argument("--pair-quadrant", type=float, default=0.0, help="share of two-object where-is scenes")
+    ap.add_argument("--heldout", type=int, default=N_HELDOUT, help="held-out base items per curve point")
     ap.add_argument("--set", nargs="*", default=[], help="PretrainSettings overrides, e.g. fixed_order=0.3")
     main(ap.parse_args())
