@@ -86,7 +86,8 @@ def pool_with_pairs(s: P.PretrainSettings, seed: int, share: float, family: str 
     pool = P.training_pool(dataclasses.replace(s, n_scenes=s.n_scenes - n_pair,
                                                single_object=s.single_object * s.n_scenes / (s.n_scenes - n_pair)),
                            seed)
-    role = "pretrain_pair" if family == "relative_direction" else f"pretrain_pair/{family}"   # the reported runs' stream
+    # the relation rung keeps the stream of its reported runs
+    role = "pretrain_pair" if family == "relative_direction" else f"pretrain_pair/{family}"
     pairs = make_items(n_pair, seed=role_seed(seed, role), families=[family],
                        n_objects=(2, 2), colour_free_p=P.POOL_COLOUR_FREE)
     return pool + [[it] for it in pairs]

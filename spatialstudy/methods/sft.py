@@ -29,9 +29,9 @@ from spatialstudy.evaluation.compare import (BASELINE_STAGE, accuracy_by_partiti
 from spatialstudy.models.episodes import Episodes, mcq_episode, spacethinker_episode, spacethinker_target  # noqa: F401
 from spatialstudy.models.episodes import episodes as _episodes
 from spatialstudy.models.episodes import spacethinker_rows
-from spatialstudy.models.lora import (KEEP_UNQUANTIZED, LORA_MODULES, adapter_modules, arm_trained, base_checkpoint,  # noqa: F401
-                                      last_checkpoint, load_base, lora_config, lora_target_pattern, make_trainable,
-                                      peak_memory, processes, quantization_available, train_and_save,
+from spatialstudy.models.lora import (KEEP_UNQUANTIZED, LORA_MODULES, adapter_modules, base_checkpoint,  # noqa: F401
+                                      arm_trained, last_checkpoint, load_base, lora_config, lora_target_pattern,
+                                      make_trainable, peak_memory, processes, quantization_available, train_and_save,
                                       training_args)
 
 STAGE = "02_sft"
