@@ -11,6 +11,7 @@ the upper/lower half right), and prints one JSON line. The 2026-12-02 curves in 
 measured this way. `--pair-relation F` tries a rung the package does not use: F of the pool's scenes (taken from the
 multi-object share) hold two objects and ask where one is relative to the other; `--pair-quadrant F` the same with
 where-is questions (a binding rung: the named one of two objects, its position learnt on one-object scenes).
+`--spec field=value` changes the tiny architecture for the run (e.g. `heads=6 kv_heads=2`; nothing is cached).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spatialstudy.models import pretrain as P  # noqa: E402
 from spatialstudy.data import make_items  # noqa: E402
 from spatialstudy.data.streams import role_seed  # noqa: E402
+from spatialstudy.models import qwen as Q  # noqa: E402
 from spatialstudy.models.qwen import build_tiny, make_processor  # noqa: E402
 
 N_HELDOUT = 200
@@ -96,6 +98,10 @@ def pool_with_pairs(s: P.PretrainSettings, seed: int, share: float, family: str 
 def main(args) -> None:
     torch.set_num_threads(args.threads)
     s = _settings(args)
+    for kv in args.spec:   # architecture overrides (a tried spec, never cached): e.g. heads=6
+        k, v = kv.split("=", 1)
+        Q.TINY_SPECS[args.model] = dataclasses.replace(Q.TINY_SPECS[args.model], **{k: int(v)})
+    print(json.dumps({"spec": dataclasses.asdict(Q.TINY_SPECS[args.model])}), flush=True)
     print(json.dumps({"settings": dataclasses.asdict(s)}), flush=True)
     tok = P.base_tokenizer()
     proc = make_processor(tok)
@@ -134,4 +140,5 @@ if __name__ == "__main__":
     ap.add_argument("--pair-quadrant", type=float, default=0.0, help="share of two-object where-is scenes")
     ap.add_argument("--heldout", type=int, default=N_HELDOUT, help="held-out base items per curve point")
     ap.add_argument("--set", nargs="*", default=[], help="PretrainSettings overrides, e.g. fixed_order=0.3")
+    ap.add_argument("--spec", nargs="*", default=[], help="TinySpec overrides (integers), e.g. heads=6 kv_heads=2")
     main(ap.parse_args())
