@@ -27,6 +27,7 @@ from spatialstudy.data import make_items  # noqa: E402
 from spatialstudy.data.streams import role_seed  # noqa: E402
 from spatialstudy.data.writers import _apply_quirks, benchmark_items  # noqa: E402
 from spatialstudy.models import pretrain as P  # noqa: E402
+from spatialstudy.models.qwen import load_checkpoint  # noqa: E402
 
 N_BENCH, SIZE, PALETTE = 1800, 112, "distinct"   # the smoke tier's 01_data
 
@@ -53,11 +54,8 @@ def benchmark_as_written(seed: int) -> tuple[list, list, np.ndarray]:
 
 
 def main(args) -> None:
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
     torch.set_num_threads(args.threads)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.base).eval()
-    proc = AutoProcessor.from_pretrained(args.base)
+    model, proc = load_checkpoint(args.base)   # the project's loader: eval mode, the base's own processor
     clean, written, rep = benchmark_as_written(0)
     ok_clean, ok_written = correct(model, proc, clean), correct(model, proc, written)
     print(line("benchmark seed 0, as written", written, ok_written,

@@ -73,13 +73,18 @@ def curve_point(model, processor, items, single, step: int, t0: float) -> dict:
     return row
 
 
+def _overridden(obj, pairs: list[str]):
+    """A dataclass with each "field=value" of `pairs` replaced, the value cast to the field's current type."""
+    for kv in pairs:
+        k, v = kv.split("=", 1)
+        obj = dataclasses.replace(obj, **{k: type(getattr(obj, k))(v)})
+    return obj
+
+
 def _settings(args) -> P.PretrainSettings:
     """The smoke tier's settings with --steps, --lr and any --set field=value overridden."""
     s = dataclasses.replace(P.TIERS[(args.model, "smoke")], steps=args.steps, lr=args.lr)
-    for kv in args.set:
-        k, v = kv.split("=", 1)
-        s = dataclasses.replace(s, **{k: type(getattr(s, k))(v)})
-    return s
+    return _overridden(s, args.set)
 
 
 def pool_with_pairs(s: P.PretrainSettings, seed: int, share: float, family: str = "relative_direction") -> list[list]:
@@ -98,9 +103,8 @@ def pool_with_pairs(s: P.PretrainSettings, seed: int, share: float, family: str 
 def main(args) -> None:
     torch.set_num_threads(args.threads)
     s = _settings(args)
-    for kv in args.spec:   # architecture overrides (a tried spec, never cached): e.g. heads=6
-        k, v = kv.split("=", 1)
-        Q.TINY_SPECS[args.model] = dataclasses.replace(Q.TINY_SPECS[args.model], **{k: int(v)})
+    # architecture overrides (a tried spec, never cached): e.g. heads=6
+    Q.TINY_SPECS[args.model] = _overridden(Q.TINY_SPECS[args.model], args.spec)
     print(json.dumps({"spec": dataclasses.asdict(Q.TINY_SPECS[args.model])}), flush=True)
     print(json.dumps({"settings": dataclasses.asdict(s)}), flush=True)
     tok = P.base_tokenizer()
@@ -140,5 +144,5 @@ if __name__ == "__main__":
     ap.add_argument("--pair-quadrant", type=float, default=0.0, help="share of two-object where-is scenes")
     ap.add_argument("--heldout", type=int, default=N_HELDOUT, help="held-out base items per curve point")
     ap.add_argument("--set", nargs="*", default=[], help="PretrainSettings overrides, e.g. fixed_order=0.3")
-    ap.add_argument("--spec", nargs="*", default=[], help="TinySpec overrides (integers), e.g. heads=6 kv_heads=2")
+    ap.add_argument("--spec", nargs="*", default=[], help="TinySpec overrides, e.g. heads=6 kv_heads=2")
     main(ap.parse_args())
