@@ -12,6 +12,8 @@ measured this way. `--pair-relation F` tries a rung the package does not use: F 
 multi-object share) hold two objects and ask where one is relative to the other; `--pair-quadrant F` the same with
 where-is questions (a binding rung: the named one of two objects, its position learnt on one-object scenes).
 `--spec field=value` changes the tiny architecture for the run (e.g. `heads=6 kv_heads=2`; nothing is cached).
+`--cache` trains through the package's `pretrain_base` instead and keeps the base in runs/cache/ under its settings'
+key, so a recipe adopted from the curve is not trained twice.
 """
 from __future__ import annotations
 
@@ -118,12 +120,20 @@ def main(args) -> None:
                                    families=["image_quadrant"], n_objects=(1, 1))]
     t0 = time.time()
 
-    def after_step(done: int) -> None:
+    def point(m, p, done: int) -> None:
         if done % args.every == 0:
-            model.eval()
-            print(json.dumps(curve_point(model, proc, held, single, done, t0)), flush=True)
-            model.train()
+            m.eval()
+            print(json.dumps(curve_point(m, p, held, single, done, t0)), flush=True)
+            m.train()
 
+    def after_step(done: int) -> None:
+        point(model, proc, done)
+
+    if args.cache:   # the package's own pretraining, cached under these settings' key: adopting them retrains nothing
+        assert not (args.spec or args.pair_relation or args.pair_quadrant), "--cache takes --set overrides only"
+        print(json.dumps({"cached": str(P.pretrain_base(args.model, "smoke", args.seed, s, on_step=point))}),
+              flush=True)
+        return
     with tempfile.TemporaryDirectory() as work:  # train() checkpoints here; the curve run keeps nothing
         pool = (pool_with_pairs(s, args.seed, args.pair_relation) if args.pair_relation else
                 pool_with_pairs(s, args.seed, args.pair_quadrant, "image_quadrant") if args.pair_quadrant else
@@ -144,5 +154,6 @@ if __name__ == "__main__":
     ap.add_argument("--pair-quadrant", type=float, default=0.0, help="share of two-object where-is scenes")
     ap.add_argument("--heldout", type=int, default=N_HELDOUT, help="held-out base items per curve point")
     ap.add_argument("--set", nargs="*", default=[], help="PretrainSettings overrides, e.g. fixed_order=0.3")
+    ap.add_argument("--cache", action="store_true", help="train through pretrain_base and keep the base in the cache")
     ap.add_argument("--spec", nargs="*", default=[], help="TinySpec overrides, e.g. heads=6 kv_heads=2")
     main(ap.parse_args())

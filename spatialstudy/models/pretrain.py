@@ -289,8 +289,9 @@ def train(model, processor, pool, s: PretrainSettings, seed: int, work: Path, de
 
 
 def pretrain_base(name: str, tier: str = "smoke", seed: int = 0, settings: PretrainSettings | None = None,
-                  force: bool = False) -> Path:
-    """The cached dir of a pretrained tiny base ("student" | "teacher"); trains it on a cache miss."""
+                  force: bool = False, on_step=None) -> Path:
+    """The cached dir of a pretrained tiny base ("student" | "teacher"); trains it on a cache miss.
+    `on_step(model, processor, steps_done)`, if given, is called after every training step (a learning curve)."""
     s = settings or TIERS[(name, tier)]
     key = cache_key(name, tier, seed, s)
     out = runs.cache_dir("bases") / f"{name}-{tier}-{runs.config_hash(key)}"
@@ -304,7 +305,8 @@ def pretrain_base(name: str, tier: str = "smoke", seed: int = 0, settings: Pretr
     processor = make_processor(tok)
     model = build_tiny(name, tok, seed=seed)
     pool = training_pool(s, seed)
-    losses = train(model, processor, pool, s, seed, work, desc=f"pretrain {name} ({tier})")
+    hook = (lambda done: on_step(model, processor, done)) if on_step else None
+    losses = train(model, processor, pool, s, seed, work, desc=f"pretrain {name} ({tier})", after_step=hook)
     wall = time.time() - t0
     metrics = measure(model, processor, heldout_items(s.eval_items)) if s.eval_items else {}
     model.save_pretrained(work)
