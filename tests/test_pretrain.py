@@ -78,8 +78,11 @@ def test_cache_hit_miss_and_load(cache_root):
     info = pretrain.runs.read_json(first / "pretrain.json")
     assert len(info["losses"]) == pretrain.TIERS[("student", "ci")].steps
     changed = dataclasses.replace(pretrain.TIERS[("student", "ci")], lr=1e-3)
-    other = pretrain.pretrain_base("student", "ci", settings=changed)
+    seen = []   # the curve hook gets the model being trained and its processor after every step
+    other = pretrain.pretrain_base("student", "ci", settings=changed,
+                                   on_step=lambda m, p, done: seen.append((m.training, p.tokenizer is not None, done)))
     assert other != first and (other / "model.safetensors").exists()
+    assert seen == [(True, True, k) for k in range(1, changed.steps + 1)]
     model, proc = load_model("tiny-student", tier="ci")
     assert model.config.text_config.num_hidden_layers == pretrain.TINY_SPECS["student"].layers
     assert not list(first.parent.glob(".*partial")), "no work dir is left behind"
