@@ -152,3 +152,16 @@ def test_reading_drills_have_no_image_and_name_their_answer(proc):
     assert f'(the answer is "{said}".)' in question.lower()
     letter = answer.split("Answer: ")[1]
     assert f"\n{letter}. {said}" in question.lower().replace(f"\n{letter.lower()}. ", f"\n{letter}. ")
+
+
+def test_a_base_on_another_specs_budget_takes_its_steps_batch_and_pool(cache_root, monkeypatch):
+    from spatialstudy.models import bases
+
+    teacher = dataclasses.replace(pretrain.TIERS[("teacher", "ci")], steps=3, batch_size=2, n_scenes=6)
+    monkeypatch.setitem(pretrain.TIERS, ("teacher", "ci"), teacher)
+    own = pretrain.TIERS[("student", "ci")]
+    extra = bases.tiny_checkpoint("tiny-student", "ci", budget_of="tiny-teacher")
+    got = pretrain.runs.read_json(extra / "pretrain.json")["key"]["settings"]
+    assert (got["steps"], got["batch_size"], got["n_scenes"]) == (3, 2, 6)
+    assert got["lr"] == own.lr and got["single_object"] == own.single_object   # the rest is the student's recipe
+    assert extra != bases.tiny_checkpoint("tiny-student", "ci")   # cached apart from the student's own base

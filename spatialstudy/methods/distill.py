@@ -9,7 +9,7 @@ same student base with the same LoRA, rows, steps and seed; only the loss differ
     attn_kd     beta * AttnKD + alpha * CE (attention KD keeps a task signal)
     combined    beta * AttnKD + gamma * LogitKD (the study's loss; "best KD", fixed in advance)
     <arm>/scarce   the same on `scarce_fraction` of the rows (does KD help most when data is scarce?)
-    sft/extra   hard labels from a student pretrained with the teacher's extra pretraining steps (equal budget)
+    sft/extra   hard labels from a student pretrained on the teacher's budget: steps, batch, pool (equal budget)
 
 The teacher is the 02_sft teacher arm (base + its adapter), read from runs/<profile>/02_sft/; this module never
 imports sft. Writes runs/<profile>/04_distill/{config.json, metrics.json, predictions_<arm>[_blind].jsonl,
@@ -356,8 +356,8 @@ def load_sft_model(profile: str, arm: str, attn_implementation: str | None = Non
 
 
 def student_checkpoint(arm: StudentArm, cfg, profile: str) -> str:
-    """Every arm starts from the student base, except sft/extra: a student pretrained with the teacher's
-    pretraining steps (the teacher's extra budget spent on hard labels), for tiny pairs."""
+    """Every arm starts from the student base, except sft/extra: a student pretrained on the teacher's
+    pretraining budget (its steps, batch and pool: the teacher's extra budget spent on hard labels), for tiny pairs."""
     from spatialstudy.models import bases, qwen
     from spatialstudy.models.lora import base_checkpoint
 
@@ -365,7 +365,7 @@ def student_checkpoint(arm: StudentArm, cfg, profile: str) -> str:
         return base_checkpoint(cfg.student, profile)
     if not (qwen.parse_tiny(cfg.student) and qwen.parse_tiny(cfg.teacher)):
         raise ValueError("sft/extra needs the tiny pair (their pretraining budgets are ours); drop it for real models")
-    return str(bases.tiny_checkpoint(cfg.student, profile, steps=bases.pretrain_steps(cfg.teacher, profile)))
+    return str(bases.tiny_checkpoint(cfg.student, profile, budget_of=cfg.teacher))
 
 
 def arm_rows(arm: StudentArm, cfg, rows: list) -> list:

@@ -16,22 +16,27 @@ from spatialstudy.models import pretrain, qwen
 PROFILE_TO_TIER = {"ci": "ci", "smoke": "smoke", "full": "full", "full-repro": "full"}
 
 
-def tiny_checkpoint(spec: str, tier: str = "smoke", seed: int = 0, steps: int | None = None) -> Path:
+BUDGET_FIELDS = ("steps", "batch_size", "n_scenes")   # a tiny base's training budget: its episodes and its pool
+
+
+def tiny_checkpoint(spec: str, tier: str = "smoke", seed: int = 0, budget_of: str | None = None) -> Path:
     """The cached dir of a pretrained tiny spec ("tiny-student" at a run profile or tier), trained on a miss.
-    `steps` overrides the tier's pretraining steps (e.g. a student given the teacher's budget; cached apart)."""
+    `budget_of` (another tiny spec) trains it on that spec's budget instead: its steps, batch size and pool size
+    (e.g. a student given the teacher's extra budget; cached apart unless the budgets are equal)."""
     from dataclasses import replace
 
     name, random_init = qwen.parse_tiny(spec)
     if random_init:
         raise ValueError(f"{spec!r} has random weights and no checkpoint")
     tier = PROFILE_TO_TIER.get(tier, tier)
-    settings = replace(pretrain.TIERS[(name, tier)], steps=steps) if steps else None
+    settings = replace(pretrain.TIERS[(name, tier)], **pretrain_budget(budget_of, tier)) if budget_of else None
     return pretrain.pretrain_base(name, tier, seed=seed, settings=settings)
 
 
-def pretrain_steps(spec: str, tier: str = "smoke") -> int:
-    """How many pretraining steps a tiny spec gets at a tier."""
-    return pretrain.TIERS[(qwen.parse_tiny(spec)[0], PROFILE_TO_TIER.get(tier, tier))].steps
+def pretrain_budget(spec: str, tier: str = "smoke") -> dict:
+    """A tiny spec's pretraining budget at a tier: {"steps", "batch_size", "n_scenes"}."""
+    s = pretrain.TIERS[(qwen.parse_tiny(spec)[0], PROFILE_TO_TIER.get(tier, tier))]
+    return {f: getattr(s, f) for f in BUDGET_FIELDS}
 
 
 def load_model(spec, *, tier: str = "smoke", seed: int = 0, adapter=None, **load_kw):
