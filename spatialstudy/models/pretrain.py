@@ -138,7 +138,8 @@ def training_pool(s: PretrainSettings, seed: int) -> list[list]:
 
 @functools.lru_cache(maxsize=2)
 def _pool(n_scenes: int, per_scene: int, seed: int, single_object: float = 0.0) -> list[list]:
-    """Rendered once per process: the student and the teacher of a tier share it."""
+    """Rendered once per process. Each stream is drawn in order, so a larger pool (the smoke teacher's 8,000 scenes)
+    begins with the smaller one (the student's 2,400)."""
     from spatialstudy.data.streams import role_seed
 
     data, _ = _data()
