@@ -111,7 +111,6 @@ def main(args) -> None:
     print(json.dumps({"settings": dataclasses.asdict(s)}), flush=True)
     tok = P.base_tokenizer()
     proc = make_processor(tok)
-    model = build_tiny(args.model, tok, seed=args.seed)
     held = make_items(args.heldout, seed=role_seed(args.seed, "pretrain_heldout/base"), partition="base")
     if args.fixed_eval:   # base families listed in their fixed (sorted) order, as a fixed-order benchmark shows them
         held = [P.view(it, random.Random(0), True, 0.0) for it in held]
@@ -126,19 +125,18 @@ def main(args) -> None:
             print(json.dumps(curve_point(m, p, held, single, done, t0)), flush=True)
             m.train()
 
-    def after_step(done: int) -> None:
-        point(model, proc, done)
-
     if args.cache:   # the package's own pretraining, cached under these settings' key: adopting them retrains nothing
         assert not (args.spec or args.pair_relation or args.pair_quadrant), "--cache takes --set overrides only"
         print(json.dumps({"cached": str(P.pretrain_base(args.model, "smoke", args.seed, s, on_step=point))}),
               flush=True)
         return
+    model = build_tiny(args.model, tok, seed=args.seed)   # pretrain_base builds its own under --cache
     with tempfile.TemporaryDirectory() as work:  # train() checkpoints here; the curve run keeps nothing
         pool = (pool_with_pairs(s, args.seed, args.pair_relation) if args.pair_relation else
                 pool_with_pairs(s, args.seed, args.pair_quadrant, "image_quadrant") if args.pair_quadrant else
                 P.training_pool(s, args.seed))
-        P.train(model, proc, pool, s, args.seed, Path(work), desc=f"curve {args.model}", after_step=after_step)
+        P.train(model, proc, pool, s, args.seed, Path(work), desc=f"curve {args.model}",
+                after_step=lambda done: point(model, proc, done))
 
 
 if __name__ == "__main__":

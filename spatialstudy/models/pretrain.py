@@ -73,7 +73,7 @@ TIERS = {
     # random listed letter (so a blind base guesses among the offered letters). The teacher (the larger model trained
     # on more) sees 1.8x the student's episodes in batches of 16 from a pool 3.3x larger, cached once per machine:
     # chosen on the 400-item dev slice by a rule fixed before the runs (+4.0 over batch 32 / 900 steps / 2,400
-    # scenes; 2x the episodes at batch 32 gave +1.3). Measured in reports/pretraining_targets.md: reading shuffled
+    # scenes; 2x the episodes at batch 32 gave +1.25). Measured in reports/pretraining_targets.md: reading shuffled
     # options did not emerge within the smoke budget.
     ("student", "smoke"): PretrainSettings(steps=500, batch_size=32, lr=5e-4, n_scenes=2400, per_scene=1,
                                            icl_fraction=0.1, max_shots=5, eval_items=200, single_object=0.5,
