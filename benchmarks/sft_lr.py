@@ -67,9 +67,26 @@ def one_run(cfg: SFTConfig, lr: float, arm_text: str, dev: list, rows: tuple) ->
     return result
 
 
+def base_run(cfg: SFTConfig, model_name: str, dev: list) -> dict:
+    """The base itself (no SFT) on the dev slice with its blind control: the reference row, lr 0."""
+    out = runs.run_dir(cfg.profile, "sft_lr") / "base"
+    done = out / f"{model_name}.json"
+    if done.exists():
+        return runs.read_json(done)
+    spec = cfg.student if model_name == "student" else cfg.teacher
+    model, processor, _ = sft.load_base(spec, cfg.profile, cfg)
+    summary = sft.benchmark(model, processor, dev, out, sft.eval_settings(cfg, f"{model_name}_base", "mcq"))
+    result = {"lr": 0.0, "arm": f"{model_name} base", "train_s": 0, "n": summary["n"],
+              "official": accuracy_by_partition(summary),
+              "blind": accuracy_by_partition(sft.blind_summary(summary)),
+              "unparsed": summary["scorers"]["official"].get("parse_failure_rate"), "final_val_loss": None}
+    runs.write_json(done, result)
+    return result
+
+
 def choose(results: list[dict]) -> float | None:
     """The rule: the best candidate by overall dev accuracy, unless the current lr is within MARGIN of it."""
-    scores = {r["lr"]: r["official"]["overall"] for r in results}
+    scores = {r["lr"]: r["official"]["overall"] for r in results if r["lr"]}
     if set(scores) != set(CANDIDATES):
         return None
     best = max(scores, key=scores.get)
@@ -85,10 +102,11 @@ def markdown(profile: str, by_arm: dict) -> str:
         parts = [p for p in results[0]["official"] if p != "overall"] if results else []
         lines += [f"## {arm}", "", "| lr | overall | " + " | ".join(parts) + " | blind overall | image - blind | "
                   "unparsed | val loss | train s |", "|---" * (len(parts) + 7) + "|"]
-        for r in sorted(results, key=lambda r: -r["lr"]):
+        for r in sorted(results, key=lambda r: (r["lr"] != 0, -r["lr"])):
             o, b = r["official"], r["blind"]
             loss = f"{r['final_val_loss']:.3f}" if r["final_val_loss"] is not None else ""
-            lines.append(f"| {r['lr']:g} | {o['overall']:.1f} | " + " | ".join(f"{o[p]:.1f}" for p in parts) +
+            lr = f"{r['lr']:g}" if r["lr"] else "base (no SFT)"
+            lines.append(f"| {lr} | {o['overall']:.1f} | " + " | ".join(f"{o[p]:.1f}" for p in parts) +
                          f" | {b['overall']:.1f} | {o['overall'] - b['overall']:+.1f} | "
                          f"{(r['unparsed'] or 0):.1f}% | {loss} | {r['train_s']} |")
         pick = choose(results)
@@ -109,11 +127,12 @@ def main() -> None:
     if not args.report:
         dev, rows = dev_slice(args.profile, cfg.seed), sft.spacethinker_records(args.profile, cfg)
         for arm in args.arms:
+            print(base_run(cfg, sft.parse_arm(arm).model, dev))
             for lr in args.lrs:
                 print(one_run(cfg, lr, arm, dev, rows))
     base = runs.run_dir(args.profile, "sft_lr")
-    by_arm = {a: [runs.read_json(p) for lr in CANDIDATES if (p := base / f"lr{lr:g}" /
-                                                               f"{sft.parse_arm(a).name}.json").exists()]
+    by_arm = {a: [runs.read_json(p) for p in [base / "base" / f"{sft.parse_arm(a).model}.json"] +
+                  [base / f"lr{lr:g}" / f"{sft.parse_arm(a).name}.json" for lr in CANDIDATES] if p.exists()]
               for a in ("student/mcq", "teacher/mcq")}
     out = runs.root() / "reports" / "benchmarks"
     runs.write_json(out / "sft_lr.json", {"profile": args.profile, "candidates": CANDIDATES, "margin": MARGIN,

@@ -74,11 +74,10 @@ def test_sft_and_distillation_train_data_parallel_under_torchrun(root):
     from spatialstudy.configs import DistillConfig, SFTConfig
 
     _run(root, "--only", "01_data", "--only", "baseline", processes=0)
-    _run(root, "--only", "02_sft", "--direct")
+    # one launch for the three stages (as a user would run them): each process trains every stage's arms in turn
+    _run(root, "--only", "02_sft", "--only", "04_distill", "--only", "05_grayscale", "--direct")
     _check_stage(root / "runs" / "ci" / "02_sft", "student_mcq", SFTConfig(profile="ci").batch_size)
-    _run(root, "--only", "04_distill", "--direct")
     _check_stage(root / "runs" / "ci" / "04_distill", "attn_kd", DistillConfig(profile="ci").batch_size)
-    _run(root, "--only", "05_grayscale", "--direct")
     gray = root / "runs" / "ci" / "05_grayscale"
     _check_stage(gray, "gray_sft", SFTConfig(profile="ci").batch_size, rows=_arm_logs(gray)["gray_sft"]["rows"])
     timings = json.loads((root / "reports" / "ci" / "timings.json").read_text())
