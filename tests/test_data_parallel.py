@@ -20,8 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 PARAMS = {"02_sft": "arms: [student/mcq]\n",
           # the attention-KD arm: forward hooks on both models inside DDP; the teacher base needs no 02_sft teacher
           "04_distill": "arms: [attn_kd]\nbest: attn_kd\nteacher_arm: base\n",
-          # the gray-augmented arm (02_sft's student_mcq recipe); two image conditions and a small control keep it short
-          "05_grayscale": "conditions: [original, grayscale]\nn_control: 8\n"}
+          # the gray-augmented arm (02_sft's student_mcq recipe); two image conditions, a small control and a part of
+          # the subset keep it short
+          "05_grayscale": "conditions: [original, grayscale]\nn_control: 8\nn_eval: 12\n",
+          # 05_grayscale builds the missing ci 03_icl run (its best ICL); one setting on a few items is enough here
+          "03_icl": "ks: [3]\nformats: [mcq]\nn_eval: 8\ncolour_transforms: [grayscale]\n"}
 
 
 @pytest.fixture(scope="module")
