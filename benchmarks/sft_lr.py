@@ -45,24 +45,28 @@ def dev_slice(profile: str, seed: int) -> list:
     return distill.dev_records(profile, SimpleNamespace(n_dev=N_DEV, seed=seed), out, set())
 
 
+def dev_result(summary: dict, lr: float, arm: str, log: dict) -> dict:
+    """One row of the table: dev accuracy by partition, its blind control, unparsed share, last validation loss."""
+    return {"lr": lr, "arm": arm, "train_s": log.get("train_s", 0), "n": summary["n"],
+            "official": accuracy_by_partition(summary), "blind": accuracy_by_partition(sft.blind_summary(summary)),
+            "unparsed": summary["scorers"]["official"].get("parse_failure_rate"),
+            "final_val_loss": next((h["eval_loss"] for h in reversed(log.get("log_history", []))
+                                    if "eval_loss" in h), None)}
+
+
 def one_run(cfg: SFTConfig, lr: float, arm_text: str, dev: list, rows: tuple) -> dict:
     """Train (or load) one arm at `lr`, evaluate it on the dev slice with its blind control; cached as json."""
     out = runs.run_dir(cfg.profile, "sft_lr") / f"lr{lr:g}"
-    done = out / f"{sft.parse_arm(arm_text).name}.json"
+    arm = sft.parse_arm(arm_text)
+    done = out / f"{arm.name}.json"
     if done.exists():
         return runs.read_json(done)
     cfg = replace(cfg, lr=lr, teacher_lr=0.0, arms=[arm_text])
-    arm = sft.parse_arm(arm_text)
     model, processor, log, _ = sft.trained_arm(arm, cfg, cfg.profile, out, rows)
-    summary = sft.benchmark(model, processor, dev, out, sft.eval_settings(cfg, arm.name, arm.target))
+    result = dev_result(sft.benchmark(model, processor, dev, out, sft.eval_settings(cfg, arm.name, arm.target)),
+                        lr, arm_text, log)
     del model
     gc.collect()
-    result = {"lr": lr, "arm": arm_text, "train_s": log.get("train_s"), "n": summary["n"],
-              "official": accuracy_by_partition(summary),
-              "blind": accuracy_by_partition(sft.blind_summary(summary)),
-              "unparsed": summary["scorers"]["official"].get("parse_failure_rate"),
-              "final_val_loss": next((h["eval_loss"] for h in reversed(log.get("log_history", []))
-                                      if "eval_loss" in h), None)}
     runs.write_json(done, result)
     return result
 
@@ -75,11 +79,8 @@ def base_run(cfg: SFTConfig, model_name: str, dev: list) -> dict:
         return runs.read_json(done)
     spec = cfg.student if model_name == "student" else cfg.teacher
     model, processor, _ = sft.load_base(spec, cfg.profile, cfg)
-    summary = sft.benchmark(model, processor, dev, out, sft.eval_settings(cfg, f"{model_name}_base", "mcq"))
-    result = {"lr": 0.0, "arm": f"{model_name} base", "train_s": 0, "n": summary["n"],
-              "official": accuracy_by_partition(summary),
-              "blind": accuracy_by_partition(sft.blind_summary(summary)),
-              "unparsed": summary["scorers"]["official"].get("parse_failure_rate"), "final_val_loss": None}
+    result = dev_result(sft.benchmark(model, processor, dev, out, sft.eval_settings(cfg, f"{model_name}_base", "mcq")),
+                        0.0, f"{model_name} base", {})
     runs.write_json(done, result)
     return result
 
