@@ -45,6 +45,12 @@ def dev_slice(profile: str, seed: int) -> list:
     return distill.dev_records(profile, SimpleNamespace(n_dev=N_DEV, seed=seed), out, set())
 
 
+def row_path(profile: str, lr: float, arm: sft.Arm) -> Path:
+    """Where one table row is kept: the base's (lr 0) under base/, an arm's under lr<lr>/."""
+    base = runs.run_dir(profile, "sft_lr")
+    return base / "base" / f"{arm.model}.json" if lr == 0 else base / f"lr{lr:g}" / f"{arm.name}.json"
+
+
 def dev_result(summary: dict, lr: float, arm: str, log: dict) -> dict:
     """One row of the table: dev accuracy by partition, its blind control, unparsed share, last validation loss."""
     return {"lr": lr, "arm": arm, "train_s": log.get("train_s", 0), "n": summary["n"],
@@ -56,9 +62,9 @@ def dev_result(summary: dict, lr: float, arm: str, log: dict) -> dict:
 
 def one_run(cfg: SFTConfig, lr: float, arm_text: str, dev: list, rows: tuple) -> dict:
     """Train (or load) one arm at `lr`, evaluate it on the dev slice with its blind control; cached as json."""
-    out = runs.run_dir(cfg.profile, "sft_lr") / f"lr{lr:g}"
     arm = sft.parse_arm(arm_text)
-    done = out / f"{arm.name}.json"
+    done = row_path(cfg.profile, lr, arm)
+    out = done.parent
     if done.exists():
         return runs.read_json(done)
     cfg = replace(cfg, lr=lr, teacher_lr=0.0, arms=[arm_text])
@@ -73,8 +79,8 @@ def one_run(cfg: SFTConfig, lr: float, arm_text: str, dev: list, rows: tuple) ->
 
 def base_run(cfg: SFTConfig, model_name: str, dev: list) -> dict:
     """The base itself (no SFT) on the dev slice with its blind control: the reference row, lr 0."""
-    out = runs.run_dir(cfg.profile, "sft_lr") / "base"
-    done = out / f"{model_name}.json"
+    done = row_path(cfg.profile, 0.0, sft.Arm(model_name, "mcq"))
+    out = done.parent
     if done.exists():
         return runs.read_json(done)
     spec = cfg.student if model_name == "student" else cfg.teacher
@@ -131,15 +137,15 @@ def main() -> None:
             print(base_run(cfg, sft.parse_arm(arm).model, dev))
             for lr in args.lrs:
                 print(one_run(cfg, lr, arm, dev, rows))
-    base = runs.run_dir(args.profile, "sft_lr")
-    by_arm = {a: [runs.read_json(p) for p in [base / "base" / f"{sft.parse_arm(a).model}.json"] +
-                  [base / f"lr{lr:g}" / f"{sft.parse_arm(a).name}.json" for lr in CANDIDATES] if p.exists()]
+    by_arm = {a: [runs.read_json(p) for lr in (0.0, *CANDIDATES)
+                  if (p := row_path(args.profile, lr, sft.parse_arm(a))).exists()]
               for a in ("student/mcq", "teacher/mcq")}
     out = runs.root() / "reports" / "benchmarks"
     runs.write_json(out / "sft_lr.json", {"profile": args.profile, "candidates": CANDIDATES, "margin": MARGIN,
                                           "results": by_arm, "choice": {a: choose(r) for a, r in by_arm.items()}})
-    runs.atomic_write_text(out / "sft_lr.md", markdown(args.profile, by_arm))
-    print(markdown(args.profile, by_arm))
+    text = markdown(args.profile, by_arm)
+    runs.atomic_write_text(out / "sft_lr.md", text)
+    print(text)
 
 
 if __name__ == "__main__":
