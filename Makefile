@@ -4,6 +4,8 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PROFILE ?= smoke
+# pytest-xdist workers for `make test` (tests/conftest.py keeps what must share a worker together)
+TEST_WORKERS ?= 2
 LAB_IP   ?= 127.0.0.1
 LAB_PORT ?= 8888
 # offline by design: the hub is unreachable here, and a silent download elsewhere would break reproducibility
@@ -17,7 +19,7 @@ study: $(STAMP)  ## run every notebook on the embedded default (params/$(PROFILE
 	$(PY) -m spatialstudy.run --profile $(PROFILE)
 
 test: $(STAMP)  ## pytest + nbval (notebooks at their ci defaults)
-	TQDM_DISABLE=1 MPLBACKEND=Agg $(PY) -m pytest
+	TQDM_DISABLE=1 MPLBACKEND=Agg $(PY) -m pytest -n $(TEST_WORKERS) --no-loadscope-reorder
 
 nbval-refresh: $(STAMP)  ## after a deliberate ci-tier change: re-store the outputs nbval compares (NBVAL_CHECK_OUTPUT)
 	$(PY) tools/nbval_refresh.py

@@ -5,7 +5,9 @@ Every stage writes runs/<profile>/<name>/{config.json, metrics.json}; later stag
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -56,6 +58,25 @@ def cache_dir(kind: str) -> Path:
     path = root() / "runs" / "cache" / kind
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def build_lock(path: Path | str):
+    """Hold an exclusive lock (fcntl.flock on the sidecar <path>.lock) while building a cached artefact, so two
+    processes asking for the same one (two notebooks, parallel test workers) build it once: the second waits, then
+    finds it built. Blocking, unlike the predictions writer's lock, because waiting is the right answer here."""
+    lp = Path(f"{path}.lock")
+    lp.parent.mkdir(parents=True, exist_ok=True)
+    with open(lp, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process building {path} (lock {lp})", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def atomic_write_text(path: Path | str, text: str) -> Path:

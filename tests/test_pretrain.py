@@ -26,6 +26,9 @@ def cache_root(tmp_path, monkeypatch):
     return tmp_path
 
 
+REPO_CACHE = pretrain.runs.root() / "runs" / "cache"   # resolved at import, before any test moves the root
+
+
 def _pool(settings, seed=0):
     return pretrain.training_pool(settings, seed)
 
@@ -86,6 +89,38 @@ def test_cache_hit_miss_and_load(cache_root):
     model, proc = load_model("tiny-student", tier="ci")
     assert model.config.text_config.num_hidden_layers == pretrain.TINY_SPECS["student"].layers
     assert not list(first.parent.glob(".*partial")), "no work dir is left behind"
+
+
+def test_a_second_process_waits_for_the_base_being_built_and_reuses_it(cache_root, tmp_path):
+    """Two processes asking for one base (two notebooks, two test workers) train it once: while this process holds
+    the base's build lock, a second process's pretrain_base waits, then finds the base published and trains nothing
+    (the published stand-in has no weights, so a training run would show as model.safetensors)."""
+    import subprocess
+    import sys
+    import time
+
+    # the second process reuses the repo's tokenizer cache (keyed and race-safe) rather than training its own
+    (cache_root / "runs" / "cache").mkdir(parents=True)
+    (REPO_CACHE / "tokenizer").mkdir(parents=True, exist_ok=True)
+    (cache_root / "runs" / "cache" / "tokenizer").symlink_to(REPO_CACHE / "tokenizer", target_is_directory=True)
+    small = {"steps": 1, "batch_size": 2, "n_scenes": 4}
+    out = pretrain.base_dir("student", "ci", 0, dataclasses.replace(pretrain.TIERS[("student", "ci")], **small))
+    code = ("import dataclasses\nfrom spatialstudy.models import pretrain\n"
+            f"s = dataclasses.replace(pretrain.TIERS[('student', 'ci')], **{small!r})\n"
+            "out = pretrain.pretrain_base('student', 'ci', settings=s)\n"
+            "print(out, (out / 'model.safetensors').exists())")
+    err = tmp_path / "stderr.txt"
+    with pretrain.runs.build_lock(out), open(err, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=f, text=True)
+        deadline = time.time() + 120
+        while "waiting for another process building" not in err.read_text() and time.time() < deadline:
+            assert proc.poll() is None, err.read_text()[-2000:]
+            time.sleep(0.2)
+        assert "waiting for another process building" in err.read_text()
+        pretrain.runs.write_json(out / "pretrain.json", {"key": "published by the lock holder"})
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.read_text()[-2000:]
+    assert stdout.split() == [str(out), "False"]
 
 
 def test_resume_from_checkpoint_matches_uninterrupted(cache_root, monkeypatch, proc):

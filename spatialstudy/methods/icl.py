@@ -243,17 +243,24 @@ def load_or_build(directory, records, encoder, index_type: str = "flat",
     type; else (or if it cannot be read) a fresh build, saved over it. `nprobe` is a search setting and never
     forces a rebuild. Families come from `records` either way (they are not part of the vectors)."""
     want = provenance([r.question for r in records], encoder, index_type)
-    if saved_provenance(directory) == want:
-        try:
-            index = DemoIndex.load(directory)
-        except (RuntimeError, ValueError, OSError, KeyError):   # a damaged file: rebuild, as for a mismatch
-            index = None
-        if index is not None:
-            index.families, index.nprobe = [getattr(r, "family", None) for r in records], nprobe
-            return index, False
-    index = DemoIndex.build(records, encoder, index_type, nprobe)
-    index.save(directory)
-    return index, True
+    with runs.build_lock(directory):   # two processes on one cache dir: one builds, the other reads its build
+        index = _load_matching(directory, want)
+        if index is None:
+            index = DemoIndex.build(records, encoder, index_type, nprobe)
+            index.save(directory)
+            return index, True
+    index.families, index.nprobe = [getattr(r, "family", None) for r in records], nprobe
+    return index, False
+
+
+def _load_matching(directory, want: dict) -> DemoIndex | None:
+    """The saved index if its provenance is `want` and it reads back whole; else None (rebuild, as for a mismatch)."""
+    if saved_provenance(directory) != want:
+        return None
+    try:
+        return DemoIndex.load(directory)
+    except (RuntimeError, ValueError, OSError, KeyError):   # a damaged file
+        return None
 
 
 def recall_at_k(approx_index, flat_index, queries: np.ndarray, k: int) -> float:

@@ -293,12 +293,24 @@ def train(model, processor, pool, s: PretrainSettings, seed: int, work: Path, de
 def pretrain_base(name: str, tier: str = "smoke", seed: int = 0, settings: PretrainSettings | None = None,
                   force: bool = False, on_step=None) -> Path:
     """The cached dir of a pretrained tiny base ("student" | "teacher"); trains it on a cache miss.
-    `on_step(model, processor, steps_done)`, if given, is called after every training step (a learning curve)."""
+    `on_step(model, processor, steps_done)`, if given, is called after every training step (a learning curve).
+    A second process asking for the same base while it trains waits for it (runs.build_lock), then reuses it."""
     s = settings or TIERS[(name, tier)]
-    key = cache_key(name, tier, seed, s)
-    out = runs.cache_dir("bases") / f"{name}-{tier}-{runs.config_hash(key)}"
+    out = base_dir(name, tier, seed, s)
     if (out / "pretrain.json").exists() and not force:
         return out
+    with runs.build_lock(out):
+        if force or not (out / "pretrain.json").exists():   # not built meanwhile by the process we waited for
+            _train_into(out, name, tier, seed, s, cache_key(name, tier, seed, s), on_step)
+    return out
+
+
+def base_dir(name: str, tier: str, seed: int, s: PretrainSettings) -> Path:
+    """Where the base of these settings is (or will be) cached: runs/cache/bases/<name>-<tier>-<key hash>."""
+    return runs.cache_dir("bases") / f"{name}-{tier}-{runs.config_hash(cache_key(name, tier, seed, s))}"
+
+
+def _train_into(out: Path, name: str, tier: str, seed: int, s: PretrainSettings, key: dict, on_step) -> None:
     work = out.with_name(f".{out.name}.partial")  # kept across crashes: the resumable state lives here
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -318,7 +330,6 @@ def pretrain_base(name: str, tier: str = "smoke", seed: int = 0, settings: Pretr
                                              "losses": losses, "heldout": metrics})
     shutil.rmtree(out, ignore_errors=True)
     os.replace(work, out)
-    return out
 
 
 # ---------------------------------------------------------------- measurement (the harness's generation and scorer)
