@@ -210,13 +210,24 @@ def letter_table(rows: list[dict], scorer: str) -> dict:
     return {t: dict(sorted(c.items())) for t, c in sorted(table.items())}
 
 
+def _unparsed(rows: list[dict], scorer: str) -> float | None:
+    """Percent of rows whose reply the scorer could not parse (the official rule then falls back to "A")."""
+    return 100.0 * sum(not r[f"parsed_{scorer}"] for r in rows) / len(rows) if rows else None
+
+
 def scorer_summary(rows: list[dict], scorer: str) -> dict:
-    """Accuracy overall and per group, parse-failure rate and letter table under one scorer, over the headline
+    """Accuracy overall and per group, parse-failure rate (overall and per partition) and letter table under one
+    scorer, over the headline
     rows; `by_options_location` covers every row, so the drawn-options items left out are still shown."""
     field = f"correct_{scorer}"
     head = headline_rows(rows)
     out = accuracy_block([r[field] for r in head])
-    out["parse_failure_rate"] = (100.0 * sum(not r[f"parsed_{scorer}"] for r in head) / len(head)) if head else None
+    out["parse_failure_rate"] = _unparsed(head, scorer)
+    parts = defaultdict(list)
+    for r in head:
+        if r.get("partition") is not None:
+            parts[r["partition"]].append(r)
+    out["parse_failure_by_partition"] = {p: _unparsed(rs, scorer) for p, rs in sorted(parts.items())}
     out["by_task_type"] = _grouped(head, lambda r: r["task_type"], field)
     out["by_sub_task_type"] = _grouped(head, lambda r: f"{r['task_type']}/{r['sub_task_type']}", field)
     out["by_partition"] = _grouped(head, lambda r: r.get("partition"), field)

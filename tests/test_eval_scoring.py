@@ -129,10 +129,26 @@ def test_summarize_groups_controls_and_letter_table():
     assert m["always_A"]["accuracy"] == 25.0
     assert m["scorers"]["lenient"]["parse_failure_rate"] == 25.0
     assert m["scorers"]["official"]["by_partition"]["base"]["accuracy"] == 0.0
+    # unparsed per partition, each scorer: the official fallback "A" for C and the lenient None for A (test_only)
+    assert m["scorers"]["official"]["parse_failure_by_partition"] == {"base": 0.0, "test_only": pytest.approx(100 / 3)}
+    assert m["scorers"]["lenient"]["parse_failure_by_partition"] == {"base": 0.0, "test_only": pytest.approx(100 / 3)}
     assert set(m["scorers"]["official"]["by_sub_task_type"]) == {"Perspective_Taking/Egocentric",
                                                                   "Complex_Logic/Pattern_Recognition"}
     assert letter_table(rows, "lenient") == {"A": {"none": 1}, "B": {"B": 1}, "C": {"C": 1}, "D": {"C": 1}}
     assert letter_table(rows, "official")["D"] == {"c": 1}
+
+
+def test_accuracy_table_shows_each_scorers_unparsed_share_per_partition():
+    from spatialstudy.evaluation.compare import accuracy_table
+
+    rows = [_row("C", "A", "C", partition="base"), _row("B", "B", "B", partition="base"),
+            _row("A", "A", None, partition="sft"), _row("D", "D", "D", partition="sft")]
+    m = summarize(rows)
+    lines = accuracy_table({"m": {**m, "controls": {"blind": m}}})
+    cells = {line.split()[1]: line.split()[-7:] for line in lines[1:]}  # partition -> n .. img-blind
+    assert cells["overall"][2] == "25.0" and cells["overall"][4] == "25.0"   # official and lenient unparsed
+    assert cells["retention"][2:5] == ["50.0", "100.0", "0.0"]             # base: the "A" fallback for C
+    assert cells["seen"][2:5] == ["0.0", "50.0", "50.0"]                   # sft: lenient finds no letter for A
 
 
 def test_drawn_options_leave_the_procedural_headline_only():

@@ -64,20 +64,33 @@ def baseline_summary(profile: str, model: str, spec: str = "tiny-student") -> di
 
 
 def accuracy_table(models: dict) -> list[str]:
-    """One line per model and partition: official and lenient accuracy, unparsed %, its blind control and image
-    minus blind. `models` = {label: evaluation summary with controls}."""
+    """One line per model and partition: official and lenient accuracy, each scorer's unparsed %, its blind
+    control and image minus blind. `models` = {label: evaluation summary with controls}."""
     lines = [f"{'model':<22} {'partition':<19} {'n':>4} {'official':>8} {'unparsed':>8} {'lenient':>8} "
-             f"{'blind':>6} {'img-blind':>9}"]
+             f"{'unparsed':>8} {'blind':>6} {'img-blind':>9}"]
     for label, summary in models.items():
         o = summary["scorers"]["official"]
         blind = accuracy_by_partition(blind_summary(summary))
         lenient = accuracy_by_partition(summary, "lenient")
+        fails = {s: unparsed_by_partition(summary, s) for s in ("official", "lenient")}
         for part, acc in accuracy_by_partition(summary).items():
             block = o if part == "overall" else o["by_partition"][part]
-            fail = f"{o['parse_failure_rate']:>8.1f}" if part == "overall" else " " * 8   # kept overall only
+            fail = {s: _pct(f.get(part), 8) for s, f in fails.items()}
             lines.append(f"{label:<22} {PARTITION_LABELS.get(part, part):<19} {block['n']:>4} {acc:>8.1f} "
-                         f"{fail} {lenient[part]:>8.1f} {blind[part]:>6.1f} {acc - blind[part]:>+9.1f}")
+                         f"{fail['official']} {lenient[part]:>8.1f} {fail['lenient']} {blind[part]:>6.1f} "
+                         f"{acc - blind[part]:>+9.1f}")
     return lines
+
+
+def unparsed_by_partition(summary: dict, scorer: str = "official") -> dict:
+    """{"overall": unparsed %, partition: unparsed %, ...}; summaries written before the per-partition rates
+    existed give the overall one only."""
+    s = summary["scorers"][scorer]
+    return {"overall": s["parse_failure_rate"], **s.get("parse_failure_by_partition", {})}
+
+
+def _pct(x: float | None, width: int) -> str:
+    return f"{x:>{width}.1f}" if x is not None else " " * width
 
 
 def paired_table(paired: dict) -> list[str]:
