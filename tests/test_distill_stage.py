@@ -170,3 +170,18 @@ def test_dev_slice_shares_no_image_with_the_benchmark(tmp_path):
     bench = write_omnispatial(tmp_path / "bench", 60, seed=0, image_size=64)
     dev = write_omnispatial(tmp_path / "dev", 60, seed=role_seed(0, "dev"), image_size=64)
     assert hashes(bench) and hashes(dev) and not hashes(bench) & hashes(dev)
+
+
+def test_the_teacher_runs_eager_only_where_its_maps_are_read(pair):
+    """A teacher on the default kernel returns no attention maps; inside eager_attention it does (attention KD, the
+    head-matching figure), and afterwards it is back on its own kernel. Not needed: left as it is."""
+    _, _, proc, _, _ = pair
+    teacher, _ = load_model("tiny-teacher-random")
+    batch, _ = _batch(proc)
+    assert teacher.config._attn_implementation == "sdpa"
+    with distill.eager_attention(teacher, needed=False):
+        assert teacher.config._attn_implementation == "sdpa"
+    with torch.no_grad(), distill.eager_attention(teacher):
+        maps = teacher(**batch, output_attentions=True).attentions
+    assert maps[0] is not None and maps[0].shape[1] == teacher.config.text_config.num_attention_heads
+    assert teacher.config._attn_implementation == "sdpa"

@@ -435,12 +435,29 @@ def fit_arm(model, processor, teacher, arm: StudentArm, cfg, path: Path, data: t
     from spatialstudy.models.chat import collate
     from spatialstudy.models.lora import train_and_save, training_args
 
+    weights = loss_weights(arm, cfg)
     trainer = DistillTrainer(model=model, args=training_args(cfg, path, cfg.lr), train_dataset=data[0],
                              eval_dataset=data[1], data_collator=lambda eps: collate(eps, processor),
-                             teacher=teacher, weights=loss_weights(arm, cfg), groups=groups)
-    log = train_and_save(trainer, model, path, "distill", rows=len(data[0]))
+                             teacher=teacher, weights=weights, groups=groups)
+    with eager_attention(teacher, weights.attn > 0):
+        log = train_and_save(trainer, model, path, "distill", rows=len(data[0]))
     trainer.remove_captures()   # the student is evaluated next: no maps kept
     return log
+
+
+@contextlib.contextmanager
+def eager_attention(model, needed: bool = True):
+    """The model on eager attention inside the block (the only kernel that returns attention maps), back on its
+    own kernel after it: a 7B teacher on eager everywhere would cost time and memory where no map is read."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = base.config._attn_implementation  # noqa: SLF001 - transformers keeps the choice there
+    if needed and before != "eager":
+        base.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        if base.config._attn_implementation != before:  # noqa: SLF001
+            base.set_attn_implementation(before)
 
 
 def trained_arm(arm: StudentArm, cfg, profile: str, out: Path, rows: tuple, teacher):
@@ -612,7 +629,8 @@ def head_matching_entry(teacher, cfg, profile: str, rows: list, groups) -> dict:
 
     student, processor, _ = load_base(cfg.student, profile, cfg, "eager")
     eps, _ = episodes(rows[:8], cfg.target, system=cfg.system_prompt, seed=cfg.seed)
-    return head_matching(teacher[0], student.eval(), processor, [eps[i] for i in range(len(eps))], groups)
+    with eager_attention(teacher[0]):
+        return head_matching(teacher[0], student.eval(), processor, [eps[i] for i in range(len(eps))], groups)
 
 
 # ---------------------------------------------------------------- comparisons
@@ -782,16 +800,16 @@ def summary_table(metrics: dict) -> str:
 # ---------------------------------------------------------------- the stage
 def load_teacher(profile: str, cfg) -> tuple:
     """(model, processor, identity, layer groups): the fine-tuned teacher, or the teacher base when teacher_arm is
-    "base" (eager attention: its maps feed attention KD and the head-matching figure), and the student-to-teacher
-    layer groups."""
+    "base", on the default attention kernel (`eager_attention` switches it only where its maps are read: attention
+    KD and the head-matching figure), and the student-to-teacher layer groups."""
     from spatialstudy.models.lora import base_checkpoint, load_base
 
     if cfg.teacher_arm == "base":
-        model, processor, _ = load_base(cfg.teacher, profile, cfg, "eager")
+        model, processor, _ = load_base(cfg.teacher, profile, cfg)
         model.eval().requires_grad_(False)
         identity = base_checkpoint(cfg.teacher, profile)
     else:
-        model, processor, identity = load_sft_model(profile, cfg.teacher_arm, attn_implementation="eager")
+        model, processor, identity = load_sft_model(profile, cfg.teacher_arm)
     n_student = runs.read_json(Path(base_checkpoint(cfg.student, profile)) / "config.json")
     n_student = n_student.get("text_config", n_student)["num_hidden_layers"]
     groups = layer_groups(n_student, len(decoder_layers(model)), cfg.layer_pairing)
