@@ -191,6 +191,7 @@ class ICLConfig(StageConfig):
     formats: list = dataclasses.field(default_factory=lambda: ["naive", "mcq"])
     best: str = "mcq/3"              # the configuration fixed in advance (the study's headline): controls run here
     order: str = "most_similar_last"
+    query_options: bool = False      # the retrieval query adds the item's options to its question (study: question)
     index_type: str = "flat"         # "flat" | "ivf" | "hnsw"
     nprobe: int = 8
     max_prompt_tokens: int = 4096    # demos that would overflow are dropped (counted), never a crash

@@ -87,6 +87,26 @@ def test_a_training_question_retrieves_itself(data, encoder, flat):
     assert all(flat.questions[row[0]] == data[0][i].question for i, row in enumerate(ids))  # itself or a duplicate
 
 
+def test_the_query_is_the_question_unless_the_options_are_asked_for(data, encoder, flat):
+    """The study queries with the question alone; query_options appends the item's options, and the demo plan
+    retrieves with whichever text the config asks for."""
+    from types import SimpleNamespace
+
+    from spatialstudy.configs import ICLConfig
+
+    question = data[0][0].question
+    item = SimpleNamespace(question=question, options=["left", "right", "behind"])
+    assert icl.query_text(item) == icl.query_text(item, False) == question
+    assert icl.query_text(item, True) == f"{question} left right behind"
+    assert icl.query_text(SimpleNamespace(question="Where?", options=None), True) == "Where?"   # real rows may lack them
+    item.key = ("Perspective_Taking", "0")
+    for with_options in (False, True):   # the plan retrieves with the configured query text
+        plan = icl.DemoPlan(ICLConfig(query_options=with_options), data[0], [item], flat, encoder, None)
+        want = icl.retrieve(flat, encoder, [icl.query_text(item, with_options)], 5, "most_similar_first")[0]
+        assert plan.nearest[item.key] == want
+    assert np.abs(icl.embed(encoder, [question]) - icl.embed(encoder, [icl.query_text(item, True)])).max() > 1e-3
+
+
 def test_retrieve_rejects_an_unknown_order_and_caps_k(data, encoder, flat):
     with pytest.raises(ValueError, match="order"):
         icl.retrieve(flat, encoder, ["q"], 3, order="random")

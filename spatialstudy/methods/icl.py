@@ -276,7 +276,7 @@ def recall_at_k(approx_index, flat_index, queries: np.ndarray, k: int) -> float:
 # ---------------------------------------------------------------- retrieval
 def retrieve(index: DemoIndex, encoder, queries: list[str], k: int,
              order: str = "most_similar_last") -> list[list[int]]:
-    """Training row ids of the k demos for each query text (the question only, as in the study).
+    """Training row ids of the k demos for each query text (`query_text`: the question only, as in the study).
     most_similar_last puts the nearest demo right before the query (the usual ICL choice); most_similar_first
     is the search order."""
     if order not in ORDERS:
@@ -475,6 +475,13 @@ def stage_settings(cfg) -> list[Setting]:
                   Setting(f"{fmt}_k{k}_shuffled", fmt, k, "label_shuffled")]
 
 
+def query_text(record, with_options: bool = False) -> str:
+    """What a benchmark item retrieves its demos with: its question alone (the study's query), or the question
+    followed by its options (a "which object" question then also brings demos about the objects it names)."""
+    options = getattr(record, "options", None) or []
+    return " ".join([record.question, *options]) if with_options else record.question
+
+
 class DemoPlan:
     """Which training rows each benchmark item gets as demos under each setting, and the demo turns themselves
     (built on request, cached per item, fitted to the prompt budget; dropped demos are counted)."""
@@ -482,7 +489,8 @@ class DemoPlan:
     def __init__(self, cfg, train: list, records: list, index: "DemoIndex", encoder, processor):
         self.cfg, self.train, self.processor, self.index, self.encoder = cfg, train, processor, index, encoder
         k_max = max([*cfg.ks, int(cfg.best.split("/")[1])])
-        nearest = retrieve(index, encoder, [r.question for r in records], k_max, "most_similar_first")
+        queries = [query_text(r, cfg.query_options) for r in records]
+        nearest = retrieve(index, encoder, queries, k_max, "most_similar_first")
         self.nearest = {r.key: ids for r, ids in zip(records, nearest)}
         self.index_of = {r.key: i for i, r in enumerate(records)}
         self.cache, self.dropped, self.query_tokens = {}, {}, {}
