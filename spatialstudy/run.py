@@ -156,6 +156,16 @@ def run_stage(name: str, profile: str, loaded: tuple[dict, float | None] | None 
     return wall
 
 
+def record_timing(profile: str, stage: str, seconds: float) -> None:
+    """Merge one stage's wall time into reports/<profile>/timings.json as soon as the stage ends, so a later stage
+    (06_results' report) reads the times of those before it and a failure keeps the times of those that finished.
+    One writer under torchrun / accelerate launch."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    path = runs.root() / "reports" / profile / "timings.json"
+    runs.write_json(path, {**(runs.read_json(path) if path.exists() else {}), stage: seconds})
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="smoke", choices=runs.PROFILES)
@@ -185,10 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         except StageFailed as err:
             print(f"[run] STOPPED: {err}", file=sys.stderr)
             return 1
-    if os.environ.get("RANK", "0") == "0":   # one writer under torchrun / accelerate launch
-        timings_file = runs.root() / "reports" / args.profile / "timings.json"
-        previous = runs.read_json(timings_file) if timings_file.exists() else {}
-        runs.write_json(timings_file, {**previous, **timings})
+        record_timing(args.profile, name, timings[name])
     print(f"[run] done: {len(timings)} stage(s), {sum(timings.values()):.0f} s; reports in reports/{args.profile}/")
     return 0
 

@@ -216,11 +216,18 @@ def test_html_report_is_self_contained_and_ci_stays_out_of_reports(project):
     assert refs and all(r.startswith("data:image/png;base64,") for r in refs), refs
     assert text.count("<img ") == 4 and "<link" not in text and "<script" not in text
     for needle in ("SFT student mcq", "04_distill: MISSING", "--profile ci --only 04_distill", "43.44", "VLAA-Thinker",
-                   results.RQ_TEXT["colour"][1][:60]):
+                   results.RQ_TEXT["colour"][1][:60], "No stage times recorded"):
         assert needle in text, needle
     assert runs.is_done("ci", results.STAGE)
     stored = runs.read_json(project / "runs" / "ci" / results.STAGE / "metrics.json")
     assert stored["stages"]["05_grayscale"]["found"] is False and stored["best"] == {"ICL": "ICL MCQ k=3"}
+
+
+def test_the_report_lists_the_runners_stage_times(project):
+    runs.write_json(project / "reports" / "ci" / "timings.json", {"01_data": 12.0, "02_sft": 150.0})
+    text = results.html_report(results.collect("ci"))
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", text[text.index("Time per stage"):])
+    assert cells[:9] == ["01_data", "12", "0.2", "02_sft", "150", "2.5", "all recorded", "162", "2.7"]
 
 
 def test_notebook_markdown_holds_the_research_question_text():

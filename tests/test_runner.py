@@ -57,6 +57,12 @@ def test_failure_names_notebook_and_cell(project, capsys):
     assert "notebook 03_broken failed in cell" in err and "ZeroDivisionError" in err
 
 
+def test_each_stage_time_is_recorded_when_it_ends_so_a_failure_keeps_them(project):
+    _notebook(project / "notebooks" / "03_broken.ipynb", 'profile = "ci"  # tier', "1 / 0")
+    assert run.main(["--profile", "ci", "--only", "01_first", "--only", "03_broken"]) == 1
+    assert set(runs.read_json(project / "reports/ci/timings.json")) == {"01_first"}
+
+
 def test_unknown_param_in_yaml_fails_before_running(project):
     (project / "params" / "smoke" / "01_data.yaml").write_text("n_trian: 3\n")
     with pytest.raises(KeyError, match="did you mean 'n_train'"):

@@ -986,6 +986,24 @@ def html_rq(res: Results) -> str:
     return "".join(out)
 
 
+def stage_times(profile: str) -> dict:
+    """{stage: seconds} as the runner recorded them (reports/<profile>/timings.json: the last run of each stage)."""
+    path = runs.root() / "reports" / profile / "timings.json"
+    return runs.read_json(path) if path.exists() else {}
+
+
+def html_times(res: Results) -> str:
+    times = stage_times(res.profile)
+    if not times:
+        return ("<p class='missing'>No stage times recorded: the runner (python -m spatialstudy.run) writes them to "
+                f"reports/{html.escape(res.profile)}/timings.json.</p>")
+    rows = [[stage, f"{t:.0f}", f"{t / 60:.1f}"] for stage, t in times.items()]
+    total = sum(times.values())
+    return html_table(["stage", "seconds", "minutes"], rows + [["all recorded", f"{total:.0f}", f"{total / 60:.1f}"]]) \
+        + ("<p class='note'>Wall time of each stage's last run through the runner (a stage resumed from cached arms "
+           "takes less than a fresh one); this stage's own time is recorded when it ends.</p>")
+
+
 def html_report(res: Results) -> str:
     """The whole report as one self-contained HTML page (figures inline, no external files)."""
     make_figures(res)
@@ -1001,6 +1019,7 @@ def html_report(res: Results) -> str:
         "difference is on the items both runs cover (bootstrap CI over images, exact McNemar p). Partitions: "
         "retention = the base families, seen = the SFT training families, unseen = families in no training data.</p>",
         f"<h2>Stages</h2><ul>{stages}</ul>" + (f"<ul class='note'>{notes}</ul>" if notes else ""),
+        "<h3>Time per stage</h3>", html_times(res),
         "<h2>Every method by partition</h2>",
         f"<p class='note'>Bold rows (*) were fixed in advance as the stage's best ({html.escape(best)}). Student "
         "methods are compared with the student base, the teachers with the teacher base; ICL ran on a stratified part "
