@@ -179,6 +179,22 @@ def test_build_rejects_an_unknown_index_type(data, encoder):
 
 
 # ---------------------------------------------------------------- approximate indexes
+def test_the_stage_reports_an_approximate_index_recall_against_flat(tmp_path, monkeypatch, data, encoder, flat):
+    from types import SimpleNamespace
+
+    from spatialstudy.configs import ICLConfig
+
+    monkeypatch.setenv("SPATIALSTUDY_ROOT", str(tmp_path))   # the flat index is built into this cache
+    train, test = data
+    ivf = icl.DemoIndex.build(train, encoder, "ivf", nprobe=1)
+    plan = SimpleNamespace(train=train, encoder=encoder, index=ivf)
+    assert icl.recall_vs_flat("ci", ICLConfig(), plan, test) is None          # the flat index is exact
+    got = icl.recall_vs_flat("ci", ICLConfig(index_type="ivf", ks=[3], best="mcq/4"), plan, test)
+    want = icl.recall_at_k(ivf, flat, icl.embed(encoder, _questions(test)), 4)
+    assert got == {"k": 4, "recall": want, "n_queries": len(test)} and 0 < want <= 1
+    assert (tmp_path / "runs" / "cache" / "icl_index" / "ci-flat").is_dir()
+
+
 def test_approximate_indexes_recall_against_flat(data, encoder, flat):
     train, test = data
     Q = icl.embed(encoder, _questions(test) + _questions(train[::4]))

@@ -597,6 +597,17 @@ def build_plan(profile: str, cfg, records: list, processor) -> tuple[DemoPlan, D
     return DemoPlan(cfg, train, records, index, encoder, processor), index, rebuilt
 
 
+def recall_vs_flat(profile: str, cfg, plan: DemoPlan, records: list) -> dict | None:
+    """Recall@k of an approximate index (ivf / hnsw) against the exact one over the same rows (the flat index,
+    cached beside it) on this run's benchmark queries, at the largest k the stage retrieves; None for flat."""
+    if cfg.index_type == "flat":
+        return None
+    flat, _ = load_or_build(runs.cache_dir("icl_index") / f"{profile}-flat", plan.train, plan.encoder, "flat")
+    k = max([*cfg.ks, int(cfg.best.split("/")[1])])
+    queries = embed(plan.encoder, [query_text(r, cfg.query_options) for r in records])
+    return {"k": k, "recall": recall_at_k(plan.index, flat, queries, k), "n_queries": len(records)}
+
+
 def run_icl(profile: str, cfg) -> dict:
     """Every setting with its blind control on the fixed subset; paired differences against zero-shot and SFT."""
     from dataclasses import asdict
@@ -617,7 +628,8 @@ def run_icl(profile: str, cfg) -> dict:
                for s in stage_settings(cfg)}
     best = cfg.best.replace("/", "_k")
     metrics = {"n_eval": len(records), "n_train": len(plan.train), "best": best, "index_rebuilt": rebuilt,
-               "index": index.provenance, "settings": results, "dropped_demos": plan.dropped,
+               "index": index.provenance, "index_recall_vs_flat": recall_vs_flat(profile, cfg, plan, records),
+               "settings": results, "dropped_demos": plan.dropped,
                "sft_compared": sft is not None,
                "latency_ratio": latency_ratios(results, cost(sft, records) if sft else None),
                "family_match": {s.name: family_match(cfg, plan, records, s) for s in stage_settings(cfg)
