@@ -224,7 +224,7 @@ def test_html_report_is_self_contained_and_ci_stays_out_of_reports(project):
 
 
 def test_the_report_lists_the_runners_stage_times(project):
-    runs.write_json(project / "reports" / "ci" / "timings.json", {"01_data": 12.0, "02_sft": 150.0})
+    runs.write_json(project / "reports" / "ci" / "timings.json", {"02_sft": 150.0, "01_data": 12.0})   # runner order
     text = results.html_report(results.collect("ci"))
     cells = re.findall(r"<td[^>]*>([^<]*)</td>", text[text.index("Time per stage"):])
     assert cells[:9] == ["01_data", "12", "0.2", "02_sft", "150", "2.5", "all recorded", "162", "2.7"]

@@ -997,6 +997,8 @@ def html_times(res: Results) -> str:
     if not times:
         return ("<p class='missing'>No stage times recorded: the runner (python -m spatialstudy.run) writes them to "
                 f"reports/{html.escape(res.profile)}/timings.json.</p>")
+    order = {s: i for i, s in enumerate(["01_data", *STAGES, STAGE])}   # the runner's order; others after them
+    times = dict(sorted(times.items(), key=lambda kv: order.get(kv[0], len(order))))
     rows = [[stage, f"{t:.0f}", f"{t / 60:.1f}"] for stage, t in times.items()]
     total = sum(times.values())
     return html_table(["stage", "seconds", "minutes"], rows + [["all recorded", f"{total:.0f}", f"{total / 60:.1f}"]]) \
