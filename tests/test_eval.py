@@ -242,3 +242,19 @@ def test_icl_demos_enter_the_prompt_and_the_hash(tiny, records, tmp_path):
     assert icl["n"] == 4 and icl["config_hash"] != plain["config_hash"]
     with_demo, without = rows_by_key(icl["predictions"]), rows_by_key(plain["predictions"])
     assert all(with_demo[k]["prompt_tokens"] > without[k]["prompt_tokens"] for k in without)
+
+
+def test_each_run_reports_its_own_peak_memory_not_the_process_lifetime_one():
+    """On CPU the peak is the process's RSS high-water mark since reset_peak_memory: a 200 MB buffer touched in one
+    run does not show in the next run's peak (the lifetime peak would keep it for every later model)."""
+    import numpy as np
+
+    from spatialstudy.models.generation import peak_memory_bytes, reset_peak_memory
+
+    reset_peak_memory("cpu")
+    buffer = np.ones(25_000_000)   # 200 MB, touched
+    first, kind = peak_memory_bytes("cpu")
+    del buffer
+    reset_peak_memory("cpu")
+    second, _ = peak_memory_bytes("cpu")
+    assert kind == "process_rss_peak_since_reset" and first - second > 150e6

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from spatialstudy import runs
 from spatialstudy.evaluation.predictions import (append_rows, discard_stale, merge_shards, predictions_path,
                                                  read_predictions, rows_for, shard_records, writer_lock)
-from spatialstudy.models.generation import generate_batch, generation_identity, peak_memory_bytes  # noqa: F401
+from spatialstudy.models.generation import (generate_batch, generation_identity, peak_memory_bytes,  # noqa: F401
+                                           reset_peak_memory)
 from spatialstudy.models.transforms import BLIND, GRAYSCALE, TRANSFORMS, ImageTransform  # noqa: F401 (GRAYSCALE)
 from spatialstudy.scoring import LETTERS, SCORERS, extract_answer, official_rule, paired_difference, summarize
 
@@ -241,10 +242,8 @@ def _run_batches(model, processor, todo, path, chash, s: EvalSettings) -> tuple[
 
 def _generate_in_eval_mode(model, processor, todo, path, chash, s: EvalSettings) -> tuple[float, int]:
     """_run_batches with dropout off (greedy decoding must be a pure function of the inputs), the training flag
-    restored afterwards, and the CUDA peak-memory counter started afresh."""
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    restored afterwards, and the peak-memory measure started afresh (generation.reset_peak_memory)."""
+    reset_peak_memory(next(model.parameters()).device)
     was_training = model.training
     model.eval()
     try:

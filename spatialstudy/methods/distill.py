@@ -538,11 +538,13 @@ def teacher_gate(teacher, profile: str, cfg, dev: list, out: Path, n_eval: int) 
 
 # ---------------------------------------------------------------- evaluation of the arms
 def model_cost(model, summary: dict) -> dict:
-    """Parameters, weight bytes and per-item latency of a model as evaluated."""
+    """Parameters, weight bytes, per-item latency and peak memory of a model as evaluated."""
     from spatialstudy.models.qwen import count_params
 
     return {"params": count_params(model)["total"], "weight_bytes": int(model.get_memory_footprint()),
-            "latency_s": summary["latency_s"]["mean"], "tokens_per_s": summary["cost"]["tokens_per_s"]}
+            "latency_s": summary["latency_s"]["mean"], "tokens_per_s": summary["cost"]["tokens_per_s"],
+            "peak_memory_bytes": summary["cost"].get("peak_memory_bytes"),   # of its evaluation run
+            "peak_memory_kind": summary["cost"].get("peak_memory_kind")}
 
 
 def loss_curves(log: dict) -> dict:

@@ -61,10 +61,34 @@ def generate_batch(model, processor, messages: list[list[dict]], max_new_tokens:
             for r, s, p in zip(raw, new, prompt_len)]
 
 
+_RSS_PEAK_RESET = False   # whether this process has restarted its RSS high-water mark (reset_peak_memory)
+
+
+def reset_peak_memory(device) -> None:
+    """Start a fresh peak before a run (an evaluation, a training): CUDA's allocator counter, or on Linux the
+    process's RSS high-water mark (writing "5" to /proc/self/clear_refs), so each run reports its own peak rather
+    than the process's lifetime one (which, after a teacher was loaded, would be the teacher's for every model)."""
+    global _RSS_PEAK_RESET
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _RSS_PEAK_RESET = True
+    except OSError:   # not Linux, or not permitted: the lifetime peak is what there is
+        pass
+
+
 def peak_memory_bytes(device) -> tuple[int, str]:
-    """CUDA max_memory_allocated since the last reset, else the process's lifetime RSS peak."""
+    """CUDA max_memory_allocated since the last reset; on CPU the process's RSS peak since reset_peak_memory (the
+    whole process: every model loaded at the time counts), else its lifetime RSS peak."""
     import resource
 
     if torch.device(device).type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
+    if _RSS_PEAK_RESET:
+        with open("/proc/self/status") as f:
+            hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return hwm * 1024, "process_rss_peak_since_reset"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_rss_peak"  # Linux reports KiB

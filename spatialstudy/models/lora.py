@@ -163,12 +163,16 @@ def train_and_save(trainer, model, path, who: str, **extra) -> dict:
     one alone writes, and all wait for it, so no process reads a half-written adapter."""
     import time
 
+    import torch
+
+    from spatialstudy.models.generation import reset_peak_memory
     from spatialstudy.models.qwen import count_params, save_adapter
 
     resume = last_checkpoint(path)
     if resume:
         print(f"[{who}] {path.name}: resuming from {resume}")
     t0 = time.perf_counter()
+    reset_peak_memory("cuda" if torch.cuda.is_available() else "cpu")
     trainer.train(resume_from_checkpoint=resume)
     log = {"train_s": round(time.perf_counter() - t0, 1), "resumed_from": resume, "params": count_params(model),
            "steps": trainer.state.global_step, "log_history": trainer.state.log_history, "peak_memory": peak_memory(),
