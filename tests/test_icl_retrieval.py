@@ -98,7 +98,7 @@ def test_the_query_is_the_question_unless_the_options_are_asked_for(data, encode
     item = SimpleNamespace(question=question, options=["left", "right", "behind"])
     assert icl.query_text(item) == icl.query_text(item, False) == question
     assert icl.query_text(item, True) == f"{question} left right behind"
-    assert icl.query_text(SimpleNamespace(question="Where?", options=None), True) == "Where?"   # real rows may lack them
+    assert icl.query_text(SimpleNamespace(question="Where?", options=None), True) == "Where?"   # real rows: none
     item.key = ("Perspective_Taking", "0")
     for with_options in (False, True):   # the plan retrieves with the configured query text
         plan = icl.DemoPlan(ICLConfig(query_options=with_options), data[0], [item], flat, encoder, None)

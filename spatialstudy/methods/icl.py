@@ -475,6 +475,11 @@ def stage_settings(cfg) -> list[Setting]:
                   Setting(f"{fmt}_k{k}_shuffled", fmt, k, "label_shuffled")]
 
 
+def largest_k(cfg) -> int:
+    """The most demos any setting of the stage asks for (every k, and the configuration fixed in advance)."""
+    return max([*cfg.ks, int(cfg.best.split("/")[1])])
+
+
 def query_text(record, with_options: bool = False) -> str:
     """What a benchmark item retrieves its demos with: its question alone (the study's query), or the question
     followed by its options (a "which object" question then also brings demos about the objects it names)."""
@@ -488,9 +493,8 @@ class DemoPlan:
 
     def __init__(self, cfg, train: list, records: list, index: "DemoIndex", encoder, processor):
         self.cfg, self.train, self.processor, self.index, self.encoder = cfg, train, processor, index, encoder
-        k_max = max([*cfg.ks, int(cfg.best.split("/")[1])])
         queries = [query_text(r, cfg.query_options) for r in records]
-        nearest = retrieve(index, encoder, queries, k_max, "most_similar_first")
+        nearest = retrieve(index, encoder, queries, largest_k(cfg), "most_similar_first")
         self.nearest = {r.key: ids for r, ids in zip(records, nearest)}
         self.index_of = {r.key: i for i, r in enumerate(records)}
         self.cache, self.dropped, self.query_tokens = {}, {}, {}
@@ -603,7 +607,7 @@ def recall_vs_flat(profile: str, cfg, plan: DemoPlan, records: list) -> dict | N
     if cfg.index_type == "flat":
         return None
     flat, _ = load_or_build(runs.cache_dir("icl_index") / f"{profile}-flat", plan.train, plan.encoder, "flat")
-    k = max([*cfg.ks, int(cfg.best.split("/")[1])])
+    k = largest_k(cfg)
     queries = embed(plan.encoder, [query_text(r, cfg.query_options) for r in records])
     return {"k": k, "recall": recall_at_k(plan.index, flat, queries, k), "n_queries": len(records)}
 
