@@ -66,6 +66,17 @@ def arm_parts(text: str) -> tuple[str, str, bool]:
     return parts[0], parts[1], len(parts) == 3
 
 
+# Training fields added after arms had been trained: an arm's identity holds one only when it is set away from this
+# default, so adding a field never retrains the arms cached before it existed.
+LATE_FIELDS = {"text_before_image": False, "keep_best": False, "kbit_prep": True}
+
+
+def training_identity(cfg, skip: set) -> dict:
+    """The config fields that change a trained arm: all but `skip`, and the LATE_FIELDS only when set."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in skip and not (k in LATE_FIELDS and v == LATE_FIELDS[k])}
+
+
 @dataclass
 class LoraTrainConfig(StageConfig):
     """What every LoRA-training stage shares (02_sft, 04_distill): the bases, the rows, LoRA / QLoRA and the
@@ -99,9 +110,16 @@ class LoraTrainConfig(StageConfig):
     eval_batch_size: int = 16
     max_new_tokens: int = 64         # mcq answers (reasoning, then "Answer: X": up to ~60 tokens here)
     n_eval: int = 0                  # benchmark items: a stratified part of the baseline's fixed subset (0 = all of it)
+    # the study's training quirks (full-repro sets them; see LATE_FIELDS)
+    text_before_image: bool = False  # the training user turn: question, then image (the benchmark puts the image first)
+    keep_best: bool = False          # end on the checkpoint with the lowest validation loss (save_steps % eval_steps)
+    kbit_prep: bool = True           # peft's prepare_model_for_kbit_training on a 4-bit base (the study skipped it)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.keep_best and self.save_steps % self.eval_steps:
+            raise ValueError(f"keep_best needs save_steps ({self.save_steps}) a multiple of eval_steps "
+                             f"({self.eval_steps}): only saved checkpoints can be kept")
         if self.lora_modules not in ("all", "qv"):
             raise ValueError(f"lora_modules must be 'all' or 'qv', got {self.lora_modules!r}")
         for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "eval_batch_size", "max_new_tokens",

@@ -339,3 +339,46 @@ def test_lora_init_depends_on_the_seed_not_on_what_the_process_drew_before():
     other = _lora_state(sft.make_trainable(_fresh(), SFTConfig(seed=1), quantized=False))
     assert all(torch.equal(first[n], again[n]) for n in first)
     assert any(not torch.equal(first[n], other[n]) for n in first if "lora_A" in n)
+
+
+# ---------------------------------------------------------------- 8. the study's training quirks (full-repro)
+def test_a_late_field_enters_an_arm_identity_only_when_set():
+    """Fields added after arms were trained (LATE_FIELDS) leave the identity of a default config unchanged, so the
+    cached arms are not retrained; set away from their default, they change it."""
+    from spatialstudy.configs import LATE_FIELDS
+
+    arm = sft.Arm("student", "mcq")
+    ident = sft.arm_identity(arm, SFTConfig(), "/bases/student", (16, 8))
+    assert not set(LATE_FIELDS) & set(ident["train"]) and "lr" in ident["train"]
+    for field, default in LATE_FIELDS.items():
+        changed = sft.arm_identity(arm, SFTConfig(**{field: not default}), "/bases/student", (16, 8))
+        assert changed["train"][field] == (not default) and changed != ident
+
+
+def test_text_before_image_puts_the_question_first_in_every_format():
+    record = _record(1, long=True)
+    for target in ("spacethinker", "mcq", "answer_only"):
+        eps, _ = sft._episodes([record], target, seed=0)
+        study, _ = sft._episodes([record], target, seed=0, text_first=True)
+        default_user, study_user = eps[0][0][0]["content"], study[0][0][0]["content"]
+        assert [c["type"] for c in default_user] == ["image", "text"]          # the benchmark's order
+        assert [c["type"] for c in study_user] == ["text", "image"]            # the study's SFT rows
+        assert study_user[::-1] == default_user and study[0][0][1:] == eps[0][0][1:]
+    cfg = SFTConfig(text_before_image=True)
+    (_, msgs, _) = sft.meaning_prompts([record], "spacethinker", cfg)
+    assert [c["type"] for c in msgs[0][0]["content"]] == ["text", "image"]    # evaluated as it was trained
+
+
+def test_keep_best_ends_on_the_checkpoint_with_the_lowest_validation_loss(tmp_path, tiny):
+    _, proc = tiny
+    with pytest.raises(ValueError, match="multiple of eval_steps"):
+        SFTConfig(keep_best=True, save_steps=3, eval_steps=2)
+    cfg = SFTConfig(max_steps=6, save_steps=2, eval_steps=2, batch_size=4, lr=5e-2, keep_best=True)
+    arm, data = sft.Arm("student", "spacethinker"), (_episodes(16), _episodes(4))
+    log = sft.fit(_trainable(cfg), proc, cfg, arm, tmp_path / "best", data, progress=False)
+    evals = {h["step"]: h["eval_loss"] for h in log["log_history"] if "eval_loss" in h}
+    best = min(evals, key=evals.get)
+    assert best < max(evals), "lr 5e-2 overshoots after step 2: the best checkpoint is not simply the last one"
+    kept = _lora_state(qwen.load_adapter(_fresh(), tmp_path / "best" / "adapter"))
+    at_best = _lora_state(qwen.load_adapter(_fresh(), tmp_path / "best" / f"checkpoint-{best}"))
+    assert kept.keys() == at_best.keys() and all(torch.equal(kept[n], at_best[n]) for n in kept)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from spatialstudy import runs
+from spatialstudy.configs import training_identity
 
 SIMILARITIES = ("dot", "cosine", "l1")
 
@@ -376,8 +377,9 @@ def arm_rows(arm: StudentArm, cfg, rows: list) -> list:
 def training_data(arm: StudentArm, cfg, rows: tuple):
     from spatialstudy.models.episodes import episodes
 
-    train, _ = episodes(arm_rows(arm, cfg, rows[0]), cfg.target, system=cfg.system_prompt, seed=cfg.seed)
-    val, _ = episodes(rows[1], cfg.target, system=cfg.system_prompt, seed=cfg.seed + 1)
+    layout = {"system": cfg.system_prompt, "text_first": cfg.text_before_image}
+    train, _ = episodes(arm_rows(arm, cfg, rows[0]), cfg.target, seed=cfg.seed, **layout)
+    val, _ = episodes(rows[1], cfg.target, seed=cfg.seed + 1, **layout)
     return train, val
 
 
@@ -397,7 +399,7 @@ def arm_identity(arm: StudentArm, cfg, base: str, teacher: str, n_rows: tuple) -
     """Everything that changes an arm's adapter: a checkpoint of another identity is never resumed."""
     skip = {"profile", "arms", "best", "eval_batch_size", "max_new_tokens", "n_eval", "n_dev", "logging_steps",
             "eval_steps", "save_steps", "student", "teacher", "student_arm"}
-    train = {k: v for k, v in asdict(cfg).items() if k not in skip}
+    train = training_identity(cfg, skip)
     return {"arm": asdict(arm), "base": base, "teacher": teacher if loss_weights(arm, cfg).uses_teacher else None,
             "rows": list(n_rows), "train": train}
 
@@ -630,7 +632,8 @@ def head_matching_entry(teacher, cfg, profile: str, rows: list, groups) -> dict:
     from spatialstudy.models.lora import load_base
 
     student, processor, _ = load_base(cfg.student, profile, cfg, "eager")
-    eps, _ = episodes(rows[:8], cfg.target, system=cfg.system_prompt, seed=cfg.seed)
+    layout = {"system": cfg.system_prompt, "text_first": cfg.text_before_image}
+    eps, _ = episodes(rows[:8], cfg.target, seed=cfg.seed, **layout)
     with eager_attention(teacher[0]):
         return head_matching(teacher[0], student.eval(), processor, [eps[i] for i in range(len(eps))], groups)
 

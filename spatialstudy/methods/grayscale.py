@@ -394,7 +394,9 @@ def sft_recipe(run: Path, arm: str):
     from spatialstudy.configs import LoraTrainConfig
 
     sft_cfg = runs.read_json(run / "config.json")
-    recipe = LoraTrainConfig(**{f.name: sft_cfg[f.name] for f in dataclasses.fields(LoraTrainConfig)})
+    # a field the run's config lacks (added to LoraTrainConfig later) keeps its default, as its arm trained
+    recipe = LoraTrainConfig(**{f.name: sft_cfg[f.name] for f in dataclasses.fields(LoraTrainConfig)
+                                if f.name in sft_cfg})
     return recipe, sft_cfg, runs.read_json(run / arm / "arm.json")
 
 
@@ -414,8 +416,8 @@ def gray_data(profile: str, recipe, info: dict, cfg):
         raise ValueError(f"{SFT_STAGE}'s arm trained on {info['rows']} (train, validation) rows; {DATA_STAGE} now "
                          f"gives {[len(rows[0]), len(rows[1])]}: re-run {SFT_STAGE} first")
     target, system = info["arm"]["target"], recipe.system_prompt
-    train, _ = episodes(rows[0], target, system=system, seed=recipe.seed)
-    val, _ = episodes(rows[1], target, system=system, seed=recipe.seed + 1)
+    train, _ = episodes(rows[0], target, system=system, seed=recipe.seed, text_first=recipe.text_before_image)
+    val, _ = episodes(rows[1], target, system=system, seed=recipe.seed + 1, text_first=recipe.text_before_image)
     gray = gray_rows(len(train), cfg.gray_fraction, cfg.seed)
     return GrayAugmented(train, gray), val, gray
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from spatialstudy import runs
-from spatialstudy.configs import SFTConfig, arm_parts
+from spatialstudy.configs import SFTConfig, arm_parts, training_identity
 from spatialstudy.evaluation.compare import (BASELINE_STAGE, accuracy_by_partition, accuracy_table,  # noqa: F401
                                              baseline_summary, blind_summary, ci_groups, paired_by_partition,
                                              paired_table)
@@ -64,7 +64,7 @@ def parse_arm(text: str) -> Arm:
 
 def episodes(records: list, arm: Arm, cfg: SFTConfig, seed: int):
     """The arm's training (or validation) episodes and, for mcq, the conversion report."""
-    return _episodes(records, arm.target, arm.blank, cfg.system_prompt, seed)
+    return _episodes(records, arm.target, arm.blank, cfg.system_prompt, seed, cfg.text_before_image)
 
 
 def spacethinker_records(profile: str, cfg: SFTConfig) -> tuple[list, list]:
@@ -77,7 +77,7 @@ def arm_identity(arm: Arm, cfg: SFTConfig, base: str, n_rows: tuple[int, int]) -
     """Everything that changes an arm's adapter: a checkpoint of another identity is never resumed."""
     skip = {"profile", "arms", "eval_batch_size", "max_new_tokens", "spacethinker_max_new_tokens", "n_eval",
             "logging_steps", "eval_steps", "save_steps", "student", "teacher"}
-    train = {k: v for k, v in asdict(cfg).items() if k not in skip}
+    train = training_identity(cfg, skip)
     return {"arm": asdict(arm), "base": base, "rows": list(n_rows), "train": train}
 
 
@@ -180,8 +180,9 @@ def meaning_prompts(rows: list, target: str, cfg: SFTConfig) -> tuple[list, list
     """(rows kept, chat messages, option lists) for SpaceThinker test rows in a format's own prompt: the bare
     question (spacethinker) or lettered options (mcq; the chosen option's text is scored by meaning). Rows that
     cannot become an MCQ are left out of the mcq format."""
+    layout = {"system": cfg.system_prompt, "text_first": cfg.text_before_image}
     if target == "spacethinker":
-        return rows, [spacethinker_episode(r, system=cfg.system_prompt)[0][:-1] for r in rows], [None] * len(rows)
+        return rows, [spacethinker_episode(r, **layout)[0][:-1] for r in rows], [None] * len(rows)
     from spatialstudy.data.mcq import MCQConversionError, to_mcq
 
     kept = []
@@ -190,8 +191,7 @@ def meaning_prompts(rows: list, target: str, cfg: SFTConfig) -> tuple[list, list
             kept.append((r, to_mcq(r, seed=cfg.seed * 1_000_003 + i)))   # the prompt only: no target needed
         except MCQConversionError:
             continue
-    return ([r for r, _ in kept], [mcq_episode(m, system=cfg.system_prompt)[0][:-1] for _, m in kept],
-            [m.options for _, m in kept])
+    return [r for r, _ in kept], [mcq_episode(m, **layout)[0][:-1] for _, m in kept], [m.options for _, m in kept]
 
 
 def _chosen_text(text: str, options) -> str:

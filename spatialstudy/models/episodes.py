@@ -15,9 +15,10 @@ def _images(record, blank: bool) -> list:
     return [_blank(im) for im in images] if blank else images
 
 
-def user_turn(text: str, images: list) -> dict:
-    content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}]
-    return {"role": "user", "content": content}
+def user_turn(text: str, images: list, text_first: bool = False) -> dict:
+    """The user turn: the images, then the text (as the benchmark asks), or the text first (the study's SFT rows)."""
+    pictures, words = [{"type": "image", "image": im} for im in images], [{"type": "text", "text": text}]
+    return {"role": "user", "content": words + pictures if text_first else pictures + words}
 
 
 def chat(system: str, user: dict, answer: str) -> list[dict]:
@@ -32,19 +33,20 @@ def spacethinker_target(record) -> str:
     return f"<think>{record.reasoning.strip()}</think>\n<answer>{record.answer.strip()}</answer>"
 
 
-def spacethinker_episode(record, blank: bool = False, system: str = "") -> tuple[list[dict], list]:
+def spacethinker_episode(record, blank: bool = False, system: str = "",
+                         text_first: bool = False) -> tuple[list[dict], list]:
     images = _images(record, blank)
-    return chat(system, user_turn(record.question, images), spacethinker_target(record)), images
+    return chat(system, user_turn(record.question, images, text_first), spacethinker_target(record)), images
 
 
-def mcq_episode(mcq, blank: bool = False, system: str = "") -> tuple[list[dict], list]:
+def mcq_episode(mcq, blank: bool = False, system: str = "", text_first: bool = False) -> tuple[list[dict], list]:
     """An MCQ (data.mcq.to_mcq, with reasoning) as the benchmark asks it: the official manual-CoT prompt with the
     lettered options; the target is the reasoning, then "Answer: X"."""
     from spatialstudy.data.prompts import omnispatial_prompt
 
     images = _images(mcq, blank)
     prompt = omnispatial_prompt(mcq.question, mcq.options, "manual_cot")
-    return chat(system, user_turn(prompt, images), mcq.target), images
+    return chat(system, user_turn(prompt, images, text_first), mcq.target), images
 
 
 class Episodes:
@@ -60,16 +62,17 @@ class Episodes:
         return self.build(self.rows[i])
 
 
-def episodes(records: list, target: str, blank: bool = False, system: str = "", seed: int = 0):
+def episodes(records: list, target: str, blank: bool = False, system: str = "", seed: int = 0,
+             text_first: bool = False):
     """(Episodes, conversion report) of SpaceThinker rows in a target format: "spacethinker" (free text), "mcq"
     (reasoning, then "Answer: X") or "answer_only" (the mcq prompt, target "Answer: X"). Rows that cannot become an
-    MCQ are counted in the report and skipped."""
+    MCQ are counted in the report and skipped. `text_first`: the question before the image (the study's layout)."""
     if target == "spacethinker":
-        return Episodes(records, lambda r: spacethinker_episode(r, blank, system)), {}
+        return Episodes(records, lambda r: spacethinker_episode(r, blank, system, text_first)), {}
     from spatialstudy.data.mcq import to_mcq_batch
 
     mcqs, report = to_mcq_batch(records, seed=seed, with_reasoning=target == "mcq")
-    return Episodes(mcqs, lambda m: mcq_episode(m, blank, system)), report
+    return Episodes(mcqs, lambda m: mcq_episode(m, blank, system, text_first)), report
 
 
 DATA_STAGE = "01_data"

@@ -108,18 +108,18 @@ def load_adapted(base: str, adapter, cfg, attn_implementation: str | None = None
 
 
 def make_trainable(model, cfg, quantized: bool):
-    """The base wrapped in a LoRA peft model; k-bit preparation first for a 4-bit base (norms to fp32, input grads,
-    non-reentrant gradient checkpointing when asked). The LoRA weights are drawn right after seeding with cfg.seed:
+    """The base wrapped in a LoRA peft model; k-bit preparation first for a 4-bit base unless cfg.kbit_prep is off
+    (norms to fp32, input grads, non-reentrant gradient checkpointing when asked). The LoRA weights are drawn right after seeding with cfg.seed:
     otherwise an arm's initialisation depended on what the process drew before it (which arms trained, which were
     loaded from cache), and two runs of one configuration differed by up to 2.4 points (reports/distill_results.md)."""
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     ckpt_kw = {"use_reentrant": False}
-    if quantized:
+    if quantized and cfg.kbit_prep:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=ckpt_kw)
-    elif cfg.gradient_checkpointing:
+    elif cfg.gradient_checkpointing:   # also a 4-bit base without k-bit preparation (the study's setup)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kw)
         model.enable_input_require_grads()
     torch.manual_seed(cfg.seed)
@@ -148,7 +148,10 @@ def training_args(cfg, path, lr: float, progress: bool = True):
         save_total_limit=2, report_to=["tensorboard"], seed=cfg.seed, bf16=cuda, use_cpu=not cuda,
         gradient_checkpointing=False,  # enabled (non-reentrant) by make_trainable, before peft wraps the model
         remove_unused_columns=False, prediction_loss_only=True, dataloader_num_workers=0,
-        disable_tqdm=not progress, label_names=["labels"])
+        disable_tqdm=not progress, label_names=["labels"],
+        # keep_best: the saved checkpoint with the lowest validation loss is loaded at the end (the study's choice)
+        load_best_model_at_end=cfg.keep_best, metric_for_best_model="eval_loss",
+        greater_is_better=False)
 
 
 def arm_trained(path) -> bool:
