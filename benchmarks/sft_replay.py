@@ -63,7 +63,7 @@ def replay_episodes(n: int, cfg: SFTConfig) -> sft.Episodes:
     items = make_items(n, seed=role_seed(cfg.seed, "sft_replay"), partition="base")
     asked = [SimpleNamespace(images=[it.image], question=it.question, options=it.options,
                              target=f"Answer: {LETTERS[it.answer]}") for it in items]
-    return sft.Episodes(asked, lambda m: mcq_episode(m, system=cfg.system_prompt))
+    return sft.Episodes(asked, lambda m: mcq_episode(m, **cfg.episode_layout()))
 
 
 def result_path(profile: str, share: float) -> Path:

@@ -115,6 +115,10 @@ class LoraTrainConfig(StageConfig):
     keep_best: bool = False          # end on the checkpoint with the lowest validation loss (save_steps % eval_steps)
     kbit_prep: bool = True           # peft's prepare_model_for_kbit_training on a 4-bit base (the study skipped it)
 
+    def episode_layout(self) -> dict:
+        """How every training (and meaning-scored) episode is laid out: models.episodes' `system` and `text_first`."""
+        return {"system": self.system_prompt, "text_first": self.text_before_image}
+
     def __post_init__(self):
         super().__post_init__()
         if self.keep_best and self.save_steps % self.eval_steps:

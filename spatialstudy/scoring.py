@@ -181,13 +181,18 @@ def accuracy_block(correct: Sequence[bool]) -> dict:
     return {"n": n, "accuracy": acc, "ci95": bootstrap_ci(correct)}
 
 
-def _grouped(rows: list[dict], key, field: str) -> dict:
+def _groups(rows: list[dict], key) -> dict:
+    """key -> its rows, sorted by key; rows whose key is None are left out."""
     groups = defaultdict(list)
     for r in rows:
         k = key(r)
         if k is not None:
-            groups[k].append(r[field])
-    return {k: accuracy_block(v) for k, v in sorted(groups.items())}
+            groups[k].append(r)
+    return dict(sorted(groups.items()))
+
+
+def _grouped(rows: list[dict], key, field: str) -> dict:
+    return {k: accuracy_block([r[field] for r in rs]) for k, rs in _groups(rows, key).items()}
 
 
 def by_family(rows: list[dict], field: str, min_n: int = FAMILY_MIN_N) -> dict:
@@ -223,11 +228,8 @@ def scorer_summary(rows: list[dict], scorer: str) -> dict:
     head = headline_rows(rows)
     out = accuracy_block([r[field] for r in head])
     out["parse_failure_rate"] = _unparsed(head, scorer)
-    parts = defaultdict(list)
-    for r in head:
-        if r.get("partition") is not None:
-            parts[r["partition"]].append(r)
-    out["parse_failure_by_partition"] = {p: _unparsed(rs, scorer) for p, rs in sorted(parts.items())}
+    out["parse_failure_by_partition"] = {p: _unparsed(rs, scorer)
+                                         for p, rs in _groups(head, lambda r: r.get("partition")).items()}
     out["by_task_type"] = _grouped(head, lambda r: r["task_type"], field)
     out["by_sub_task_type"] = _grouped(head, lambda r: f"{r['task_type']}/{r['sub_task_type']}", field)
     out["by_partition"] = _grouped(head, lambda r: r.get("partition"), field)

@@ -377,7 +377,7 @@ def arm_rows(arm: StudentArm, cfg, rows: list) -> list:
 def training_data(arm: StudentArm, cfg, rows: tuple):
     from spatialstudy.models.episodes import episodes
 
-    layout = {"system": cfg.system_prompt, "text_first": cfg.text_before_image}
+    layout = cfg.episode_layout()
     train, _ = episodes(arm_rows(arm, cfg, rows[0]), cfg.target, seed=cfg.seed, **layout)
     val, _ = episodes(rows[1], cfg.target, seed=cfg.seed + 1, **layout)
     return train, val
@@ -632,7 +632,7 @@ def head_matching_entry(teacher, cfg, profile: str, rows: list, groups) -> dict:
     from spatialstudy.models.lora import load_base
 
     student, processor, _ = load_base(cfg.student, profile, cfg, "eager")
-    layout = {"system": cfg.system_prompt, "text_first": cfg.text_before_image}
+    layout = cfg.episode_layout()
     eps, _ = episodes(rows[:8], cfg.target, seed=cfg.seed, **layout)
     with eager_attention(teacher[0]):
         return head_matching(teacher[0], student.eval(), processor, [eps[i] for i in range(len(eps))], groups)

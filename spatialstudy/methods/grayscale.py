@@ -415,9 +415,9 @@ def gray_data(profile: str, recipe, info: dict, cfg):
     if [len(rows[0]), len(rows[1])] != info["rows"]:
         raise ValueError(f"{SFT_STAGE}'s arm trained on {info['rows']} (train, validation) rows; {DATA_STAGE} now "
                          f"gives {[len(rows[0]), len(rows[1])]}: re-run {SFT_STAGE} first")
-    target, system = info["arm"]["target"], recipe.system_prompt
-    train, _ = episodes(rows[0], target, system=system, seed=recipe.seed, text_first=recipe.text_before_image)
-    val, _ = episodes(rows[1], target, system=system, seed=recipe.seed + 1, text_first=recipe.text_before_image)
+    target, layout = info["arm"]["target"], recipe.episode_layout()
+    train, _ = episodes(rows[0], target, seed=recipe.seed, **layout)
+    val, _ = episodes(rows[1], target, seed=recipe.seed + 1, **layout)
     gray = gray_rows(len(train), cfg.gray_fraction, cfg.seed)
     return GrayAugmented(train, gray), val, gray
 

@@ -64,7 +64,7 @@ def parse_arm(text: str) -> Arm:
 
 def episodes(records: list, arm: Arm, cfg: SFTConfig, seed: int):
     """The arm's training (or validation) episodes and, for mcq, the conversion report."""
-    return _episodes(records, arm.target, arm.blank, cfg.system_prompt, seed, cfg.text_before_image)
+    return _episodes(records, arm.target, arm.blank, seed=seed, **cfg.episode_layout())
 
 
 def spacethinker_records(profile: str, cfg: SFTConfig) -> tuple[list, list]:
@@ -180,7 +180,7 @@ def meaning_prompts(rows: list, target: str, cfg: SFTConfig) -> tuple[list, list
     """(rows kept, chat messages, option lists) for SpaceThinker test rows in a format's own prompt: the bare
     question (spacethinker) or lettered options (mcq; the chosen option's text is scored by meaning). Rows that
     cannot become an MCQ are left out of the mcq format."""
-    layout = {"system": cfg.system_prompt, "text_first": cfg.text_before_image}
+    layout = cfg.episode_layout()
     if target == "spacethinker":
         return rows, [spacethinker_episode(r, **layout)[0][:-1] for r in rows], [None] * len(rows)
     from spatialstudy.data.mcq import MCQConversionError, to_mcq
