@@ -20,7 +20,7 @@ def replies(path: Path) -> dict:
 
 
 def compare_file(a: Path, b: Path) -> tuple[int, int, str]:
-    """(identical replies, items on both sides, one line saying so)."""
+    """(identical replies, items compared: those on one side only count as not identical, one line saying so)."""
     ra, rb = replies(a), replies(b)
     both = ra.keys() & rb.keys()
     same = sum(ra[k][0] == rb[k][0] for k in both)
